@@ -1,0 +1,1 @@
+"""The inference service: a grpc.aio server speaking the Open Inference Protocol."""

@@ -1,0 +1,135 @@
+"""The transport-free data plane: the served models, their state, validation and calls.
+
+The gRPC servicer only converts protobuf to numpy and back and delegates here.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from inferencehub.errors import InvalidInput, ModelError, ModelNotFound, ModelNotReady
+from inferencehub.inference.workers import Workers
+from inferencehub.model import Model, ModelConfig, TensorSpec
+from inferencehub.tensors import DATATYPES
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    LOADING = "loading"
+    SERVING = "serving"
+    DRAINING = "draining"
+
+
+def shape_matches(shape: tuple[int, ...], spec: TensorSpec) -> bool:
+    return len(shape) == len(spec.shape) and all(s == d or d == -1 for s, d in zip(shape, spec.shape, strict=True))
+
+
+def describe(spec: TensorSpec) -> str:
+    return f"{spec.datatype} {list(spec.shape)}"
+
+
+@dataclass
+class ServedModel:
+    config: ModelConfig
+    model: Model | None = None  # None for process models (loaded in the workers)
+    ready: bool = False
+
+    def input_spec(self, name: str, datatype: str, shape: tuple[int, ...]) -> TensorSpec:
+        """The config's spec for an input, after checking the request's datatype and shape against it."""
+        spec = next((s for s in self.config.inputs if s.name == name), None)
+        if spec is None:
+            known = ", ".join(s.name for s in self.config.inputs)
+            raise InvalidInput(f"model '{self.config.name}' has no input '{name}' (its inputs: {known})")
+        if datatype != spec.datatype:
+            raise InvalidInput(f"input '{name}': datatype {datatype}, expected {spec.datatype}")
+        if not shape_matches(shape, spec):
+            raise InvalidInput(f"input '{name}': shape {list(shape)}, expected {list(spec.shape)} (-1: any size)")
+        return spec
+
+    def check_complete(self, names: list[str]) -> None:
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise InvalidInput(f"input '{dup}' is given more than once")
+        for spec in self.config.inputs:
+            if spec.name not in names:
+                raise InvalidInput(f"model '{self.config.name}': missing input '{spec.name}' ({describe(spec)})")
+
+    def output_specs(self, requested: list[str]) -> list[TensorSpec]:
+        """The outputs to return: those requested, in order, or all of them."""
+        if not requested:
+            return list(self.config.outputs)
+        by_name = {s.name: s for s in self.config.outputs}
+        specs = []
+        for name in requested:
+            if name not in by_name:
+                known = ", ".join(by_name)
+                raise InvalidInput(f"model '{self.config.name}' has no output '{name}' (its outputs: {known})")
+            specs.append(by_name[name])
+        return specs
+
+
+class Engine:
+    def __init__(self, configs: list[ModelConfig], workers: Workers) -> None:
+        self.models = {c.name: ServedModel(c) for c in configs}
+        self.workers = workers
+        self.state = State.LOADING
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.SERVING
+
+    async def load(self) -> None:
+        """Load every model (process models in every worker). Errors propagate: start-up fails."""
+        await self.workers.start()
+        for served in self.models.values():
+            served.model = await self.workers.load(served.config)
+            served.ready = True
+            log.info(
+                "model %s (version %s, %s) loaded", served.config.name, served.config.version, served.config.runtime
+            )
+        self.state = State.SERVING
+
+    def get(self, name: str, version: str = "") -> ServedModel:
+        served = self.models.get(name)
+        if served is None:
+            raise ModelNotFound(f"model '{name}' not found (served: {', '.join(sorted(self.models))})")
+        if version and version != served.config.version:
+            raise ModelNotFound(f"model '{name}' has no version '{version}' (served: {served.config.version})")
+        return served
+
+    async def infer(
+        self, served: ServedModel, inputs: dict[str, np.ndarray], outputs: list[TensorSpec]
+    ) -> list[np.ndarray]:
+        """Run the model on validated inputs; return the requested outputs, checked against the config."""
+        if not served.ready or self.state is State.LOADING:
+            raise ModelNotReady(f"model '{served.config.name}' is not ready")
+        results = await self.workers.predict(served.config, served.model, inputs)
+        return [self._checked_output(served.config, results, spec) for spec in outputs]
+
+    @staticmethod
+    def _checked_output(config: ModelConfig, results: dict, spec: TensorSpec) -> np.ndarray:
+        if not isinstance(results, dict) or spec.name not in results:
+            raise ModelError(f"model '{config.name}' did not return output '{spec.name}'")
+        array = np.asarray(results[spec.name])
+        dtype = DATATYPES[spec.datatype].dtype
+        if spec.datatype == "BYTES":
+            if array.dtype.kind not in "OSU":
+                raise ModelError(f"model '{config.name}' returned {array.dtype} for BYTES output '{spec.name}'")
+            array = array.astype(object)
+        elif array.dtype != dtype:
+            if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+                raise ModelError(
+                    f"model '{config.name}' returned {array.dtype} for {spec.datatype} output '{spec.name}'"
+                )
+            array = array.astype(dtype)
+        if not shape_matches(array.shape, spec):
+            raise ModelError(
+                f"model '{config.name}' returned shape {list(array.shape)} for output '{spec.name}', "
+                f"expected {list(spec.shape)}"
+            )
+        return array

@@ -1,0 +1,50 @@
+"""The inference service's Prometheus metrics, served on their own port."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+UNKNOWN_MODEL = "_unknown"  # label for names that are not served, so clients cannot grow the label set
+
+
+class InferenceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "inferencehub_inference_requests",
+            "ModelInfer calls by model and gRPC status code.",
+            ["model", "code"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "inferencehub_inference_request_duration_seconds",
+            "ModelInfer call duration, from receipt to response, by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "inferencehub_inference_in_flight_requests",
+            "ModelInfer calls being handled now, by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_ready = Gauge(
+            "inferencehub_model_ready",
+            "1 when the model is loaded and ready, else 0.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics from a background thread; returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return server.server_port
+
+    def close(self) -> None:
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()

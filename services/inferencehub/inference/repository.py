@@ -1,0 +1,134 @@
+"""The model repository: a folder of model folders, each with a ``config.json``.
+
+    models/
+      iris/config.json      {"name": "iris", "runtime": "mlp", "inputs": [...], ...}
+      iris/weights.npz
+
+Every config is validated at start-up; a bad one stops the server with an error
+naming the file and the field (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from inferencehub.errors import ConfigError
+from inferencehub.inference import runtimes
+from inferencehub.model import ModelConfig, TensorSpec
+from inferencehub.tensors import DATATYPES
+
+SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "model_repository"
+CONFIG_FILE = "config.json"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+TOP_LEVEL_FIELDS = {"name", "version", "runtime", "platform", "inputs", "outputs", "parameters", "execution"}
+EXECUTIONS = ("thread", "process")
+
+
+def load_repository(directory: Path) -> list[ModelConfig]:
+    """Read and validate every model config under ``directory``."""
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: model repository is not a folder")
+    sources = sorted(directory.glob(f"*/{CONFIG_FILE}"))
+    if not sources:
+        raise ConfigError(f"{directory}: no model configs found (expected <model>/{CONFIG_FILE})")
+    configs: list[ModelConfig] = []
+    seen: dict[str, Path] = {}
+    for source in sources:
+        config = load_config(source)
+        if config.name in seen:
+            raise ConfigError(f"{source}: name: model '{config.name}' is also defined in {seen[config.name]}")
+        seen[config.name] = source
+        configs.append(config)
+    return configs
+
+
+def load_config(source: Path) -> ModelConfig:
+    try:
+        raw = json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    return parse_config(raw, source)
+
+
+def parse_config(raw: Any, source: Path) -> ModelConfig:
+    def fail(field: str, problem: str) -> ConfigError:
+        return ConfigError(f"{source}: {field}: {problem}")
+
+    if not isinstance(raw, dict):
+        raise fail("(top level)", "expected a JSON object")
+    unknown = sorted(set(raw) - TOP_LEVEL_FIELDS)
+    if unknown:
+        raise fail(unknown[0], f"unknown field (expected some of {', '.join(sorted(TOP_LEVEL_FIELDS))})")
+
+    name = raw.get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise fail("name", "expected a model name of letters, digits, '_', '.' or '-'")
+    version = raw.get("version", "1")
+    if isinstance(version, int) and not isinstance(version, bool):
+        version = str(version)
+    if not isinstance(version, str) or not NAME_PATTERN.match(version):
+        raise fail("version", 'expected a version string such as "1"')
+    runtime_name = raw.get("runtime")
+    if runtime_name not in runtimes.RUNTIMES:
+        raise fail("runtime", f"expected one of {', '.join(sorted(runtimes.RUNTIMES))}, got {runtime_name!r}")
+    runtime = runtimes.RUNTIMES[runtime_name]
+    parameters = raw.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise fail("parameters", "expected a JSON object")
+    execution = raw.get("execution", runtime.default_execution(parameters))
+    if execution not in EXECUTIONS:
+        raise fail("execution", f"expected one of {', '.join(EXECUTIONS)}, got {execution!r}")
+    platform = raw.get("platform", runtime.platform)
+    if not isinstance(platform, str):
+        raise fail("platform", "expected a string")
+
+    config = ModelConfig(
+        name=name,
+        version=version,
+        runtime=runtime_name,
+        platform=platform,
+        inputs=_tensors(raw, "inputs", fail),
+        outputs=_tensors(raw, "outputs", fail),
+        parameters=parameters,
+        execution=execution,
+        directory=source.parent.resolve(),
+        source=source,
+    )
+    runtime.resolve(config)  # validates the runtime's parameters
+    return config
+
+
+def _tensors(raw: dict, key: str, fail) -> tuple[TensorSpec, ...]:
+    items = raw.get(key)
+    if not isinstance(items, list) or not items:
+        raise fail(key, "expected a non-empty list of tensors")
+    specs: list[TensorSpec] = []
+    for i, item in enumerate(items):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise fail(where, "expected an object with name, datatype and shape")
+        unknown = sorted(set(item) - {"name", "datatype", "shape"})
+        if unknown:
+            raise fail(f"{where}.{unknown[0]}", "unknown field (expected name, datatype, shape)")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise fail(f"{where}.name", "expected a non-empty string")
+        dtype = item.get("datatype")
+        if dtype not in DATATYPES:
+            raise fail(f"{where}.datatype", f"expected one of {', '.join(DATATYPES)}, got {dtype!r}")
+        shape = item.get("shape")
+        if (
+            not isinstance(shape, list)
+            or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and (d == -1 or d > 0) for d in shape)
+        ):
+            raise fail(f"{where}.shape", "expected a non-empty list of dimensions, each > 0 or -1 (variable)")
+        if name in {s.name for s in specs}:
+            raise fail(f"{where}.name", f"duplicate tensor name '{name}'")
+        specs.append(TensorSpec(name, dtype, tuple(shape)))
+    return tuple(specs)

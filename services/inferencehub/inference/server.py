@@ -1,0 +1,157 @@
+"""The inference service process: a grpc.aio server with health, reflection and metrics.
+
+Lifecycle:
+- start: listen, report NOT_SERVING, load every model, then report SERVING;
+- SIGTERM/SIGINT: report NOT_SERVING at once, keep serving for ``drain_seconds`` while
+  clients' health checks move traffic away, then refuse new calls, give in-flight
+  calls ``grace_seconds`` to finish, and return (the process exits 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from inferencehub.errors import InferenceHubError
+from inferencehub.inference.engine import Engine, State
+from inferencehub.inference.metrics import InferenceMetrics
+from inferencehub.inference.repository import SHIPPED_MODELS, load_repository
+from inferencehub.inference.servicer import SERVICE_NAME, InferenceServicer
+from inferencehub.inference.workers import Workers, cpu_count
+from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from inferencehub.settings import InferenceSettings
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(InferenceHubError):
+    """The server could not start (a port taken, a model that fails to load...)."""
+
+
+def server_options(settings: InferenceSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Cycle connections so clients behind a headless Service re-resolve and find new replicas.
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_seconds * 1000)),
+        # Let clients ping (their ping timeout detects a frozen replica); never answer too_many_pings.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
+        # A taken port is an error, not a second listener sharing it.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@dataclass
+class InferenceServer:
+    settings: InferenceSettings
+    engine: Engine
+    metrics: InferenceMetrics
+    server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    port: int
+    metrics_port: int
+    replica: str
+
+    @property
+    def health_names(self) -> list[str]:
+        return ["", SERVICE_NAME, *self.engine.models]
+
+    async def set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.health_names:
+            await self.health.set(name, status)
+
+    async def load(self) -> None:
+        await self.engine.load()
+        for served in self.engine.models.values():
+            self.metrics.model_ready.labels(served.config.name, served.config.version).set(1)
+        await self.set_health(True)
+        log.info("replica %s ready: %s", self.replica, ", ".join(self.engine.models))
+
+    async def stop(self) -> None:
+        """Drain, then stop: NOT_SERVING, wait, refuse new calls, let in-flight ones finish."""
+        if self.engine.state is State.SERVING:
+            self.engine.state = State.DRAINING
+            await self.health.enter_graceful_shutdown()
+            log.info("draining for %.1fs", self.settings.drain_seconds)
+            await asyncio.sleep(self.settings.drain_seconds)
+        log.info("refusing new calls; in-flight calls have %.1fs to finish", self.settings.grace_seconds)
+        await self.server.stop(self.settings.grace_seconds)
+        self.engine.workers.close()
+        self.metrics.close()
+        log.info("replica %s stopped", self.replica)
+
+
+async def start(settings: InferenceSettings) -> InferenceServer:
+    """Listen and report NOT_SERVING; the caller then awaits ``load()``."""
+    configs = load_repository(settings.models or SHIPPED_MODELS)
+    processes = settings.processes or cpu_count()
+    workers = Workers(settings.threads, processes, [c for c in configs if c.execution == "process"])
+    engine = Engine(configs, workers)
+    metrics = InferenceMetrics()
+
+    server = grpc.aio.server(options=server_options(settings))
+    address = f"{settings.host}:{settings.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen for gRPC on {address}: {exc} (is the port taken?)") from None
+    if port == 0:
+        raise StartupError(f"cannot listen for gRPC on {address} (is the port taken?)")
+    try:
+        metrics_port = metrics.serve(settings.host, settings.metrics_port)
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {exc}") from None
+    replica = settings.replica_name or f"{socket.gethostname()}:{port}"
+
+    health = health_aio.HealthServicer()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, metrics, replica), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    instance = InferenceServer(settings, engine, metrics, server, health, port, metrics_port, replica)
+    await instance.set_health(False)
+    await server.start()
+    log.info(
+        "replica %s listening: gRPC on %s:%d, metrics on %s:%d; loading %d model(s)",
+        replica,
+        settings.host,
+        port,
+        settings.host,
+        metrics_port,
+        len(configs),
+    )
+    return instance
+
+
+async def serve(settings: InferenceSettings) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    instance = await start(settings)
+    loading = asyncio.ensure_future(instance.load())
+    waiting = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({loading, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            loading.result()  # a model that failed to load stops start-up
+            await waiting
+        else:
+            loading.cancel()
+    finally:
+        waiting.cancel()
+        await instance.stop()

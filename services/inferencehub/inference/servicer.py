@@ -1,0 +1,150 @@
+"""The Open Inference Protocol gRPC servicer: converts protobuf <-> numpy and delegates to the engine.
+
+Errors are mapped to gRPC statuses here and only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+import numpy as np
+
+import inferencehub
+from inferencehub import logs
+from inferencehub.errors import InferenceHubError, InvalidInput
+from inferencehub.inference.engine import Engine, ServedModel
+from inferencehub.inference.metrics import UNKNOWN_MODEL, InferenceMetrics
+from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
+from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from inferencehub.tensors import DATATYPES, from_raw, from_values, to_raw, to_values
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+REQUEST_ID_KEY = "x-request-id"
+REPLICA_KEY = "x-inferencehub-replica"
+
+
+def decode_inputs(request: pb.ModelInferRequest, served: ServedModel) -> dict[str, np.ndarray]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
+    inputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        shape = tuple(tensor.shape)
+        spec = served.input_spec(tensor.name, tensor.datatype, shape)
+        dt = DATATYPES[spec.datatype]
+        given = [f.name for f, _ in tensor.contents.ListFields()]
+        if raw:
+            if given:
+                raise InvalidInput(f"input '{tensor.name}': contents and raw_input_contents are both set; use one")
+            inputs[tensor.name] = from_raw(raw[i], dt, list(shape), tensor.name)
+            continue
+        if dt.contents_field is None:
+            raise InvalidInput(f"input '{tensor.name}': {dt.name} data must be sent in raw_input_contents")
+        if given and given != [dt.contents_field]:
+            raise InvalidInput(
+                f"input '{tensor.name}': datatype {dt.name} takes contents.{dt.contents_field}, got {', '.join(given)}"
+            )
+        inputs[tensor.name] = from_values(getattr(tensor.contents, dt.contents_field), dt, list(shape), tensor.name)
+    served.check_complete([t.name for t in request.inputs])
+    return inputs
+
+
+def encode_outputs(response: pb.ModelInferResponse, specs, arrays: list[np.ndarray], raw: bool) -> None:
+    # Raw replies when the request came raw (tritonclient) or a datatype has no typed field
+    # (FP16); typed contents otherwise, so grpcurl users read plain numbers.
+    raw = raw or any(DATATYPES[s.datatype].contents_field is None for s in specs)
+    for spec, array in zip(specs, arrays, strict=True):
+        dt = DATATYPES[spec.datatype]
+        out = response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
+        if raw:
+            response.raw_output_contents.append(to_raw(array, dt))
+        else:
+            getattr(out.contents, dt.contents_field).extend(to_values(array, dt))
+
+
+def caller_request_id(context: grpc.aio.ServicerContext, request_id: str = "") -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            return value
+    return request_id or uuid.uuid4().hex
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, engine: Engine, metrics: InferenceMetrics, replica: str) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.replica_metadata = ((REPLICA_KEY, replica),)
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.engine.ready)
+
+    async def ModelReady(self, request, context):
+        try:
+            served = self.engine.get(request.name, request.version)
+        except InferenceHubError as exc:
+            await context.abort(exc.status, str(exc))
+        return pb.ModelReadyResponse(ready=self.engine.ready and served.ready)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="inferencehub", version=inferencehub.__version__, extensions=[])
+
+    async def ModelMetadata(self, request, context):
+        try:
+            config = self.engine.get(request.name, request.version).config
+        except InferenceHubError as exc:
+            await context.abort(exc.status, str(exc))
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=config.name,
+            versions=[config.version],
+            platform=config.platform,
+            inputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in config.inputs],
+            outputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in config.outputs],
+        )
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
+        start = time.perf_counter()
+        model = request.model_name if request.model_name in self.engine.models else UNKNOWN_MODEL
+        token = logs.request_id.set(caller_request_id(context, request.id))
+        in_flight = self.metrics.in_flight.labels(model)
+        in_flight.inc()
+        code = grpc.StatusCode.OK
+        try:
+            await context.send_initial_metadata(self.replica_metadata)
+            return await self._infer(request)
+        except InferenceHubError as exc:
+            code = exc.status
+            log.warning("ModelInfer %s: %s: %s", request.model_name, code.name, exc)
+            await context.abort(code, str(exc))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("ModelInfer %s failed", request.model_name)
+            await context.abort(code, "internal error; the replica's log has the details")
+        finally:
+            in_flight.dec()
+            self.metrics.requests.labels(model, code.name).inc()
+            self.metrics.duration.labels(model).observe(time.perf_counter() - start)
+            logs.request_id.reset(token)
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        served = self.engine.get(request.model_name, request.model_version)
+        inputs = decode_inputs(request, served)
+        specs = served.output_specs([o.name for o in request.outputs])
+        arrays = await self.engine.infer(served, inputs, specs)
+        response = pb.ModelInferResponse(
+            model_name=served.config.name, model_version=served.config.version, id=request.id
+        )
+        encode_outputs(response, specs, arrays, raw=bool(request.raw_input_contents))
+        return response

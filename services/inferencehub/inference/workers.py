@@ -1,0 +1,114 @@
+"""Where model compute runs: never on the event loop.
+
+- ``async def predict`` models run on the loop (they promise not to block it);
+- ``execution: thread`` models run in a thread pool (numpy releases the GIL);
+- ``execution: process`` models run in spawned worker processes, each of which loads
+  its own copy of every process model, so CPU-bound Python never holds the
+  server's GIL and health checks keep answering while every worker is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+
+from inferencehub.errors import ModelNotReady
+from inferencehub.inference import runtimes
+from inferencehub.model import Model, ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Worker-process state: the configs it may serve and the models it has loaded.
+_worker_configs: dict[str, ModelConfig] = {}
+_worker_models: dict[str, Model] = {}
+
+
+def _init_worker(configs: list[ModelConfig]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _worker_configs.update({c.name: c for c in configs})
+
+
+def _worker_model(name: str) -> Model:
+    model = _worker_models.get(name)
+    if model is None:
+        model = _worker_models[name] = runtimes.build(_worker_configs[name])
+    return model
+
+
+def _worker_warm_up() -> int:
+    for name in _worker_configs:
+        _worker_model(name)
+    time.sleep(0.05)  # hold this worker so the next warm-up task starts another one
+    return os.getpid()
+
+
+def _worker_predict(name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return _worker_model(name).predict(inputs)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class Workers:
+    def __init__(self, threads: int, processes: int, process_configs: list[ModelConfig]) -> None:
+        self.threads = ThreadPoolExecutor(max(1, threads), thread_name_prefix="model")
+        self.process_count = max(1, processes)
+        self.process_configs = process_configs
+        self.processes: ProcessPoolExecutor | None = None
+
+    def _new_process_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self.process_count,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self.process_configs,),
+        )
+
+    async def start(self) -> None:
+        """Start the worker processes and load the process models in each (errors propagate)."""
+        if not self.process_configs:
+            return
+        self.processes = self._new_process_pool()
+        loop = asyncio.get_running_loop()
+        pids = await asyncio.gather(
+            *(loop.run_in_executor(self.processes, _worker_warm_up) for _ in range(self.process_count))
+        )
+        log.info("%d worker process(es) ready for %s", len(set(pids)), ", ".join(c.name for c in self.process_configs))
+
+    async def load(self, config: ModelConfig) -> Model | None:
+        """Load a loop or thread model here (in a thread, so the loop stays free); process models load in workers."""
+        if config.execution == "process":
+            return None
+        return await asyncio.get_running_loop().run_in_executor(self.threads, runtimes.build, config)
+
+    async def predict(
+        self, config: ModelConfig, model: Model | None, inputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        loop = asyncio.get_running_loop()
+        if model is None:
+            if self.processes is None:
+                raise ModelNotReady(f"model '{config.name}': worker processes are not running")
+            try:
+                return await loop.run_in_executor(self.processes, _worker_predict, config.name, inputs)
+            except BrokenProcessPool:
+                log.error("a worker process died; starting a new pool")
+                self.processes = self._new_process_pool()
+                raise ModelNotReady(f"model '{config.name}': its worker process died; retry") from None
+        if inspect.iscoroutinefunction(model.predict):
+            return await model.predict(inputs)  # type: ignore[misc]
+        return await loop.run_in_executor(self.threads, model.predict, inputs)
+
+    def close(self) -> None:
+        self.threads.shutdown(wait=False, cancel_futures=True)
+        if self.processes is not None:
+            self.processes.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,66 @@
+"""Settings: one typed object per process, from flags or ``INFERENCEHUB_*`` env vars.
+
+Each field becomes a flag ``--field-name`` whose default is the env var
+``INFERENCEHUB_FIELD_NAME`` when set, else the field's default. The object is built
+once in the process's entry point and passed explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+ENV_PREFIX = "INFERENCEHUB_"
+T = TypeVar("T")
+_TYPES = {"int": int, "float": float, "str": str, "Path": Path}
+
+
+def setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    for f in fields(cls):
+        convert = _TYPES[str(f.type).split(" |")[0]]
+        env = env_name(f.name)
+        default = f.default if f.default is not MISSING else None
+        if env in os.environ:
+            try:
+                default = convert(os.environ[env])
+            except ValueError:
+                parser.error(f"{env}={os.environ[env]!r}: expected {convert.__name__}")
+        shown = "" if f.default in (None, "") else f", default {f.default}"
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=convert,
+            default=default,
+            help=f"{f.metadata['help']} [env {env}{shown}]",
+        )
+
+
+def from_args(cls: type[T], args: argparse.Namespace) -> T:
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    host: str = setting("0.0.0.0", "address to listen on")
+    port: int = setting(8081, "gRPC port (0: any free port)")
+    metrics_port: int = setting(8082, "Prometheus metrics port (0: any free port)")
+    models: Path | None = setting(None, "model repository folder (default: the shipped models)")
+    replica_name: str = setting("", "this replica's name in responses and logs (default: host name:port)")
+    threads: int = setting(4, "threads for thread-executed models")
+    processes: int = setting(0, "worker processes for process-executed models (0: one per CPU)")
+    max_message_bytes: int = setting(64 * 1024 * 1024, "largest gRPC message accepted or sent")
+    drain_seconds: float = setting(1.0, "on SIGTERM, time between reporting NOT_SERVING and refusing new calls")
+    grace_seconds: float = setting(10.0, "time in-flight calls get to finish after the drain")
+    max_connection_age_seconds: float = setting(30.0, "connections are closed after this age so clients re-resolve")
+    max_connection_age_grace_seconds: float = setting(10.0, "time calls on an aged connection get to finish")
+    log_level: str = setting("info", "debug, info, warning or error")

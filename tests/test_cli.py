@@ -1,0 +1,72 @@
+"""The `inferencehub` command line: flags, env vars, and clear start-up errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import Replica
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "inferencehub.cli", *args] if args[:1] != ("-m",) else [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_inference_help_lists_flags_and_env_vars():
+    done = run("-m", "inferencehub.inference", "--help")
+    assert done.returncode == 0
+    for flag, env in [
+        ("--host", "INFERENCEHUB_HOST"),
+        ("--port", "INFERENCEHUB_PORT"),
+        ("--metrics-port", "INFERENCEHUB_METRICS_PORT"),
+        ("--models", "INFERENCEHUB_MODELS"),
+    ]:
+        assert flag in done.stdout and env in done.stdout
+    assert "default 8081" in done.stdout and "default 8082" in done.stdout
+
+
+def test_console_script_has_the_inference_subcommand():
+    import shutil
+    from pathlib import Path
+
+    script = shutil.which("inferencehub") or str(Path(sys.executable).parent / "inferencehub")
+    done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "inference" in done.stdout
+
+
+def test_bad_env_value_is_named():
+    done = run("-m", "inferencehub.inference", env={"INFERENCEHUB_PORT": "eighty"})
+    assert done.returncode == 2
+    assert "INFERENCEHUB_PORT='eighty': expected int" in done.stderr
+
+
+def test_env_vars_configure_the_replica(tmp_path):
+    replica = Replica(env={"INFERENCEHUB_REPLICA_NAME": "from-env"})  # flags from Replica override host/ports
+    try:
+        replica.wait_serving()
+        assert "replica from-env listening" in replica.log
+    finally:
+        replica.terminate()
+        replica.kill()
+
+
+def test_taken_port_is_a_clear_error():
+    first = Replica()
+    try:
+        done = run(
+            "-m", "inferencehub.inference", "--host", "127.0.0.1", "--port", str(first.port), "--metrics-port", "0"
+        )
+        assert done.returncode == 2
+        assert f"cannot listen for gRPC on 127.0.0.1:{first.port}" in done.stderr
+        assert "Traceback" not in done.stderr
+    finally:
+        first.terminate()
+        first.kill()

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/inferencehub inference --host 127.0.0.1
+	$(VENV)/bin/inferencehub up
 
 test: lint
 	$(PY) -m pytest

@@ -1,7 +1,14 @@
-"""Shared test helpers: real inference replicas as subprocesses on loopback, port 0."""
+"""Shared test helpers: real inference replicas and gateways as subprocesses on loopback, port 0.
+
+Test processes never import ``inferencehub.protocol``: tritonclient registers the same
+``inference.*`` protobuf symbols, and one process cannot hold both. The servers run
+in subprocesses, as users run them, and tests speak to them over real sockets.
+"""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import signal
@@ -21,6 +28,7 @@ SHIPPED = ROOT / "services" / "inferencehub" / "model_repository"
 TEST_MODELS = ROOT / "tests" / "models"
 EXAMPLE_MODELS = ROOT / "examples" / "models"
 LISTENING = re.compile(r"listening: gRPC on [\d.]+:(\d+), metrics on [\d.]+:(\d+)")
+GATEWAY_LISTENING = re.compile(r"listening: http://[\d.]+:(\d+)")
 
 
 def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
@@ -51,25 +59,15 @@ def health_status(target: str, service: str = "", timeout: float = 2.0) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-class Replica:
-    """An inference replica in a subprocess, its log kept for assertions."""
+class Server:
+    """A server subprocess, its log kept for assertions."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.args = args
+    pattern: re.Pattern[str]
+
+    def __init__(self, command: list[str], env: dict[str, str] | None = None) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "inferencehub.inference",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--metrics-port",
-                "0",
-                *args,
-            ],
+            command,
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -77,9 +75,7 @@ class Replica:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        match = wait_for(self._listening, what="the replica to listen")
-        self.port, self.metrics_port = int(match.group(1)), int(match.group(2))
-        self.target = f"127.0.0.1:{self.port}"
+        self.match = wait_for(self._listening, what=f"{command[2]} to listen")
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -88,24 +84,16 @@ class Replica:
 
     def _listening(self):
         if self.proc.poll() is not None and not self._reader.is_alive():
-            raise AssertionError("replica exited at start:\n" + self.log)
-        return next((m for line in list(self.lines) if (m := LISTENING.search(line))), None)
+            raise AssertionError("server exited at start:\n" + self.log)
+        return next((m for line in list(self.lines) if (m := self.pattern.search(line))), None)
 
     @property
     def log(self) -> str:
         return "\n".join(self.lines)
 
-    def wait_serving(self, timeout: float = 60.0) -> Replica:
-        wait_for(lambda: self._status() == "SERVING", timeout, what="SERVING")
-        return self
-
-    def _status(self) -> str | None:
+    def check_running(self) -> None:
         if self.proc.poll() is not None:
-            raise AssertionError(f"replica exited with {self.proc.returncode}:\n{self.log}")
-        try:
-            return health_status(self.target)
-        except grpc.RpcError:
-            return None
+            raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log}")
 
     def terminate(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
@@ -119,6 +107,104 @@ class Replica:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+    def stop(self) -> None:
+        try:
+            self.terminate()
+        finally:
+            self.kill()
+
+
+class Replica(Server):
+    """An inference replica."""
+
+    pattern = LISTENING
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(
+            [
+                sys.executable,
+                "-m",
+                "inferencehub.inference",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--metrics-port",
+                "0",
+                *args,
+            ],
+            env,
+        )
+        self.port, self.metrics_port = int(self.match.group(1)), int(self.match.group(2))
+        self.target = f"{host}:{self.port}"
+
+    def wait_serving(self, timeout: float = 60.0) -> Replica:
+        wait_for(lambda: self._status() == "SERVING", timeout, what="SERVING")
+        return self
+
+    def _status(self) -> str | None:
+        self.check_running()
+        try:
+            return health_status(self.target)
+        except grpc.RpcError:
+            return None
+
+
+class Gateway(Server):
+    """An HTTP gateway."""
+
+    pattern = GATEWAY_LISTENING
+
+    def __init__(self, upstream: str, *args: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(
+            [
+                sys.executable,
+                "-m",
+                "inferencehub.gateway",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--upstream",
+                upstream,
+                *args,
+            ],
+            env,
+        )
+        self.port = int(self.match.group(1))
+        self.url = f"127.0.0.1:{self.port}"
+        wait_for(lambda: self.request("GET", "/readyz").status == 200, what="the gateway to be ready")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | str | dict | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 30,
+    ) -> Response:
+        self.check_running()
+        if isinstance(body, dict):
+            body = json.dumps(body)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            raw = conn.getresponse()
+            return Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, raw.read())
+        finally:
+            conn.close()
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.body[:300]!r}>"
 
 
 @pytest.fixture(scope="session")
@@ -145,3 +231,19 @@ def replica(tmp_path_factory) -> Iterator[Replica]:
     finally:
         server.terminate()
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def gateway(replica) -> Iterator[Gateway]:
+    """A gateway in front of the session's replica."""
+    server = Gateway(
+        f"ipv4:{replica.target}",
+        "--max-message-bytes",
+        str(4 * 1024 * 1024),
+        "--max-body-bytes",
+        str(8 * 1024 * 1024),
+    )
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -127,7 +127,7 @@ def test_response_carries_model_version_request_id_and_replica(stub):
     request.inputs.add(name="input", datatype="FP32", shape=[1, 2]).contents.fp32_contents.extend([1.5, -2.0])
     response, call = stub.ModelInfer.with_call(request, metadata=[("x-request-id", "trace-7")], timeout=10)
     assert (response.model_name, response.model_version, response.id) == ("mock", "1", "req-42")
-    assert ("x-inferencehub-replica", "replica-under-test") in call.initial_metadata()
+    assert ("x-inferencehub-replica", "replica-under-test") in call.trailing_metadata()
     # A typed request gets typed contents back, readable as plain numbers (grpcurl).
     assert list(response.outputs[0].contents.fp32_contents) == [1.5, -2.0]
     assert list(response.outputs[0].shape) == [1, 2]

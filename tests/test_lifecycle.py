@@ -70,7 +70,7 @@ def test_loading_serving_draining_stopped(tmp_path):
             for future in in_flight:
                 response, call = future.result(), future
                 assert np.frombuffer(response.raw_output_contents[0], np.float32).tolist() == [1.0, 2.0]
-                assert ("x-inferencehub-replica", "pod-abc") in call.initial_metadata()
+                assert ("x-inferencehub-replica", "pod-abc") in call.trailing_metadata()
 
         assert replica.proc.wait(15) == 0
         assert time.monotonic() - started < 12
@@ -145,7 +145,7 @@ def test_request_id_in_logs_and_default_replica_name(tmp_path):
                 stub.ModelInfer.with_call(request, metadata=[("x-request-id", "trace-xyz")], timeout=5)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert ("x-inferencehub-replica", f"{socket.gethostname()}:{replica.port}") in (
-                err.value.initial_metadata()
+                err.value.trailing_metadata()
             )
         wait_for(lambda: "[trace-xyz]" in replica.log, timeout=5, what="the request id in the log")
         line = next(line for line in replica.lines if "[trace-xyz]" in line)

@@ -1,33 +1,150 @@
-"""The ``inferencehub`` command: ``inferencehub inference`` runs an inference replica."""
+"""The ``inferencehub`` command.
+
+up         the whole system on this machine: a gateway and N inference replicas on loopback
+inference  one inference replica (gRPC, Open Inference Protocol)
+gateway    the HTTP gateway (OIP REST in front of the replicas)
+infer      call a model through the gateway or a replica, print its outputs
+bench      put load on the gateway or a replica and summarise what happened
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
+from pathlib import Path
+
+import numpy as np
 
 from inferencehub import __version__, logs
 from inferencehub.errors import InferenceHubError
-from inferencehub.settings import InferenceSettings, add_arguments, from_args
+from inferencehub.settings import GatewaySettings, InferenceSettings, UpSettings, add_arguments, from_args
 
 
-def _run_inference(args: argparse.Namespace) -> int:
+def _run(name: str, coroutine) -> int:
+    try:
+        result = asyncio.run(coroutine)
+    except InferenceHubError as exc:
+        print(f"inferencehub {name}: error: {exc}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+def _inference(args: argparse.Namespace) -> int:
     from inferencehub.inference.server import serve
 
     settings = from_args(InferenceSettings, args)
     logs.configure(settings.log_level)
+    return _run("inference", serve(settings))
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from inferencehub.gateway.app import serve
+
+    settings = from_args(GatewaySettings, args)
+    logs.configure(settings.log_level)
+    return _run("gateway", serve(settings))
+
+
+def _up(args: argparse.Namespace) -> int:
+    from inferencehub import up
+
+    return _run("up", up.run(from_args(UpSettings, args)))
+
+
+def _value(text: str):
+    """A tensor value: a .npy file, or JSON."""
+    if text.endswith(".npy"):
+        return np.load(Path(text), allow_pickle=False)
     try:
-        asyncio.run(serve(settings))
-    except InferenceHubError as exc:
-        print(f"inferencehub inference: error: {exc}", file=sys.stderr)
-        return 2
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InferenceHubError(f"not JSON and not a .npy file: {text[:60]!r} ({exc.msg})") from None
+
+
+async def _call(args: argparse.Namespace) -> int:
+    from inferencehub.client import to_inputs, transport
+
+    async with transport(args.url, args.grpc, args.timeout) as client:
+        metadata = await client.metadata(args.model)
+        data = {}
+        if args.data is not None:
+            if len(metadata["inputs"]) != 1:
+                names = ", ".join(t["name"] for t in metadata["inputs"])
+                raise InferenceHubError(f"model '{args.model}' has several inputs ({names}): use --input NAME=VALUE")
+            data[metadata["inputs"][0]["name"]] = _value(args.data)
+        for item in args.input:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise InferenceHubError(f"--input takes NAME=VALUE, got {item!r}")
+            data[name] = _value(value)
+        outcome = await client.send(client.prepare(args.model, to_inputs(metadata, data)), decode=True)
+    if not outcome.ok:
+        print(f"inferencehub infer: {outcome.status}: {outcome.error}", file=sys.stderr)
+        return 1
+    served = f" (served by {outcome.replica})" if outcome.replica else ""
+    print(f"{args.model}: {len(outcome.outputs)} output(s) in {outcome.latency * 1000:.1f} ms{served}")
+    with np.printoptions(precision=4, suppress=True, threshold=50):
+        for name, array in outcome.outputs.items():
+            print(f"  {name} {array.dtype} {list(array.shape)}:")
+            print("    " + str(array).replace("\n", "\n    "))
     return 0
 
 
+def _infer(args: argparse.Namespace) -> int:
+    return _run("infer", _call(args))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from inferencehub import bench
+
+    config = bench.BenchConfig(
+        model=args.model,
+        url=args.url,
+        grpc=args.grpc,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        max_in_flight=args.max_in_flight,
+        duration=args.duration,
+        batch=args.batch,
+        size=args.size,
+        binary=not args.json_data,
+        timeout=args.timeout,
+    )
+    if config.concurrency < 1 or config.duration <= 0 or (config.rate is not None and config.rate <= 0):
+        print("inferencehub bench: error: --concurrency, --duration and --rate must be positive", file=sys.stderr)
+        return 2
+    try:
+        summary = asyncio.run(bench.run(config))
+    except InferenceHubError as exc:
+        print(f"inferencehub bench: error: {exc}", file=sys.stderr)
+        return 2
+    bench.print_summary(summary, args.json)
+    return 0
+
+
+def _target_arguments(parser: argparse.ArgumentParser) -> None:
+    default = os.environ.get("INFERENCEHUB_URL", "http://127.0.0.1:8080")
+    parser.add_argument("--url", default=default, help="the gateway [env INFERENCEHUB_URL, default %(default)s]")
+    parser.add_argument("--grpc", metavar="TARGET", help="call an inference replica directly over gRPC instead")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inferencehub", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="inferencehub", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"inferencehub {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser(
+        "up", help="run the whole system locally: a gateway and N inference replicas", description=_doc("up")
+    )
+    add_arguments(up, UpSettings)
+    up.set_defaults(run=_up)
+
     inference = commands.add_parser(
         "inference",
         help="run an inference replica (gRPC, Open Inference Protocol)",
@@ -35,8 +152,55 @@ def build_parser() -> argparse.ArgumentParser:
         "and Prometheus metrics. Stops gracefully on SIGTERM or Ctrl-C.",
     )
     add_arguments(inference, InferenceSettings)
-    inference.set_defaults(run=_run_inference)
+    inference.set_defaults(run=_inference)
+
+    gateway = commands.add_parser(
+        "gateway",
+        help="run the HTTP gateway (OIP REST in front of the inference replicas)",
+        description="Run the HTTP gateway: the Open Inference Protocol REST API (JSON and binary tensor data), "
+        "proxied over one client-side load-balanced gRPC channel to the inference replicas.",
+    )
+    add_arguments(gateway, GatewaySettings)
+    gateway.set_defaults(run=_gateway)
+
+    infer = commands.add_parser(
+        "infer",
+        help="call a model and print its outputs",
+        description="Call a model through the gateway (or a replica with --grpc) and print its outputs. "
+        "Values are JSON (nested lists) or a .npy file; datatypes and names come from the model's metadata.",
+    )
+    infer.add_argument("model")
+    infer.add_argument("--data", help="the value of the model's only input: JSON or a .npy file")
+    infer.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="one input by name (repeat for several): JSON or a .npy file",
+    )
+    _target_arguments(infer)
+    infer.set_defaults(run=_infer)
+
+    bench = commands.add_parser("bench", help="put load on the gateway or a replica", description=_doc("bench"))
+    bench.add_argument("--model", default="mock", help="model to call (default %(default)s)")
+    _target_arguments(bench)
+    load = bench.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, default=8, help="requests in flight (default %(default)s)")
+    load.add_argument("--rate", type=float, help="requests a second, open loop, instead of a concurrency")
+    bench.add_argument("--max-in-flight", type=int, default=512, help="open loop's cap (default %(default)s)")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds (default %(default)s)")
+    bench.add_argument("--batch", type=int, default=1, help="size of the first variable dimension (default 1)")
+    bench.add_argument("--size", type=int, default=16, help="size of the other variable dimensions (default 16)")
+    bench.add_argument("--json-data", action="store_true", help="send JSON tensors instead of binary data")
+    bench.add_argument("--json", action="store_true", help="print the summary as JSON")
+    bench.set_defaults(run=_bench)
     return parser
+
+
+def _doc(module: str) -> str:
+    import importlib
+
+    return importlib.import_module(f"inferencehub.{module}").__doc__ or ""
 
 
 def main(argv: list[str] | None = None) -> None:

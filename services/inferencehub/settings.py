@@ -64,3 +64,34 @@ class InferenceSettings:
     max_connection_age_seconds: float = setting(30.0, "connections are closed after this age so clients re-resolve")
     max_connection_age_grace_seconds: float = setting(10.0, "time calls on an aged connection get to finish")
     log_level: str = setting("info", "debug, info, warning or error")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str = setting("0.0.0.0", "address to listen on")
+    port: int = setting(8080, "HTTP port (0: any free port)")
+    upstream: str = setting(
+        "127.0.0.1:8081",
+        "gRPC target of the inference replicas, e.g. dns:///inferencehub-inference-headless:8081 "
+        "or ipv4:127.0.0.2:8081,127.0.0.3:8081",
+    )
+    deadline_seconds: float = setting(30.0, "deadline of each upstream call (a client may ask for less)")
+    max_body_bytes: int = setting(64 * 1024 * 1024, "largest request body accepted (else 413)")
+    max_message_bytes: int = setting(64 * 1024 * 1024, "largest gRPC message sent or received")
+    retry_attempts: int = setting(3, "attempts per upstream call when a replica is UNAVAILABLE")
+    keepalive_seconds: float = setting(2.0, "interval of HTTP/2 keepalive pings to each replica")
+    keepalive_timeout_seconds: float = setting(1.0, "a replica that does not answer a ping in this time is dropped")
+    dns_refresh_seconds: float = setting(1.0, "shortest time between DNS re-resolutions of the upstream name")
+    drain_seconds: float = setting(1.0, "on SIGTERM, time /readyz fails before the listener closes")
+    grace_seconds: float = setting(10.0, "time in-flight requests get to finish after the drain")
+    log_level: str = setting("info", "debug, info, warning or error")
+
+
+@dataclass(frozen=True)
+class UpSettings:
+    replicas: int = setting(2, "inference replicas to start, on 127.0.0.2, 127.0.0.3, ...")
+    port: int = setting(8080, "the gateway's HTTP port on 127.0.0.1 (0: any free port)")
+    inference_port: int = setting(8081, "each replica's gRPC port (0: any free port)")
+    inference_metrics_port: int = setting(8082, "each replica's metrics port (0: any free port)")
+    models: Path | None = setting(None, "model repository folder (default: the shipped models)")
+    log_level: str = setting("info", "debug, info, warning or error")

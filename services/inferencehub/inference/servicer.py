@@ -79,29 +79,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine: Engine, metrics: InferenceMetrics, replica: str) -> None:
         self.engine = engine
         self.metrics = metrics
+        # The replica's name travels in trailing metadata: initial metadata sent early would commit
+        # the call, and a committed call is not retried elsewhere when this replica dies mid-call.
         self.replica_metadata = ((REPLICA_KEY, replica),)
 
     async def ServerLive(self, request, context):
+        context.set_trailing_metadata(self.replica_metadata)
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
+        context.set_trailing_metadata(self.replica_metadata)
         return pb.ServerReadyResponse(ready=self.engine.ready)
 
     async def ModelReady(self, request, context):
+        context.set_trailing_metadata(self.replica_metadata)
         try:
             served = self.engine.get(request.name, request.version)
         except InferenceHubError as exc:
-            await context.abort(exc.status, str(exc))
+            await context.abort(exc.status, str(exc), self.replica_metadata)
         return pb.ModelReadyResponse(ready=self.engine.ready and served.ready)
 
     async def ServerMetadata(self, request, context):
+        context.set_trailing_metadata(self.replica_metadata)
         return pb.ServerMetadataResponse(name="inferencehub", version=inferencehub.__version__, extensions=[])
 
     async def ModelMetadata(self, request, context):
+        context.set_trailing_metadata(self.replica_metadata)
         try:
             config = self.engine.get(request.name, request.version).config
         except InferenceHubError as exc:
-            await context.abort(exc.status, str(exc))
+            await context.abort(exc.status, str(exc), self.replica_metadata)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=config.name,
@@ -117,26 +124,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         token = logs.request_id.set(caller_request_id(context, request.id))
         in_flight = self.metrics.in_flight.labels(model)
         in_flight.inc()
-        code = grpc.StatusCode.OK
+        context.set_trailing_metadata(self.replica_metadata)
         try:
-            await context.send_initial_metadata(self.replica_metadata)
-            return await self._infer(request)
+            response = await self._infer(request)
         except InferenceHubError as exc:
-            code = exc.status
+            code, message = exc.status, str(exc)
             log.warning("ModelInfer %s: %s: %s", request.model_name, code.name, exc)
-            await context.abort(code, str(exc))
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            self._count(model, grpc.StatusCode.CANCELLED, start)
             raise
         except Exception:
-            code = grpc.StatusCode.INTERNAL
+            code, message = grpc.StatusCode.INTERNAL, "internal error; the replica's log has the details"
             log.exception("ModelInfer %s failed", request.model_name)
-            await context.abort(code, "internal error; the replica's log has the details")
+        else:
+            code, message = grpc.StatusCode.OK, ""
         finally:
             in_flight.dec()
-            self.metrics.requests.labels(model, code.name).inc()
-            self.metrics.duration.labels(model).observe(time.perf_counter() - start)
             logs.request_id.reset(token)
+        # Counted before the caller hears the outcome, so a scrape right after a call sees it.
+        self._count(model, code, start)
+        if code is grpc.StatusCode.OK:
+            return response
+        await context.abort(code, message, self.replica_metadata)
+
+    def _count(self, model: str, code: grpc.StatusCode, start: float) -> None:
+        self.metrics.requests.labels(model, code.name).inc()
+        self.metrics.duration.labels(model).observe(time.perf_counter() - start)
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         served = self.engine.get(request.model_name, request.model_version)

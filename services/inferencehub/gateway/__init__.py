@@ -1,0 +1,1 @@
+"""The gateway: an aiohttp HTTP/JSON front door proxying the Open Inference Protocol to gRPC replicas."""

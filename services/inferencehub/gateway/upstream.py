@@ -1,0 +1,103 @@
+"""The gateway's gRPC client: one shared channel to every inference replica.
+
+Tuned for replicas behind a headless Service (or any multi-address target):
+- ``round_robin`` over every resolved address (the default pick_first pins one replica);
+- client health checking, so a replica that reports NOT_SERVING (draining) gets no new calls;
+- retries of UNAVAILABLE with backoff, so calls in flight on a replica that dies are replayed elsewhere;
+- keepalive pings with a short ack timeout, so a frozen replica is dropped in seconds;
+- frequent DNS re-resolution, so new replicas get traffic soon after they appear;
+- message size limits matching the replicas', and a deadline on every call.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+
+from inferencehub.errors import InferenceHubError
+from inferencehub.gateway.metrics import GatewayMetrics
+from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
+from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from inferencehub.settings import GatewaySettings
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+REPLICA_KEY = "x-inferencehub-replica"
+REQUEST_ID_KEY = "x-request-id"
+
+
+class UpstreamError(InferenceHubError):
+    """A gRPC call to the inference service failed with ``code``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def service_config(settings: GatewaySettings) -> dict:
+    method: dict = {"name": [{"service": SERVICE}]}
+    if settings.retry_attempts >= 2:
+        method["retryPolicy"] = {
+            "maxAttempts": min(settings.retry_attempts, 5),
+            "initialBackoff": "0.05s",
+            "maxBackoff": "1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": SERVICE},
+        "methodConfig": [method],
+    }
+
+
+def channel_options(settings: GatewaySettings) -> list[tuple[str, int | str]]:
+    keepalive_ms = int(settings.keepalive_seconds * 1000)
+    ack_ms = int(settings.keepalive_timeout_seconds * 1000)
+    return [
+        ("grpc.service_config", json.dumps(service_config(settings))),
+        ("grpc.enable_retries", 1),
+        # A call is replayed only if its request fits this buffer: make every allowed message fit.
+        ("grpc.per_rpc_retry_buffer_size", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", ack_ms),
+        ("grpc.http2.ping_timeout_ms", ack_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.dns_min_time_between_resolutions_ms", int(settings.dns_refresh_seconds * 1000)),
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.enable_http_proxy", 0),
+    ]
+
+
+class Upstream:
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
+        self.channel = grpc.aio.insecure_channel(settings.upstream, options=channel_options(settings))
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.metrics = metrics
+
+    async def call(self, method: str, request, *, request_id: str, timeout: float):
+        """Call ``method``; return the response and the name of the replica that served it."""
+        call = getattr(self.stub, method)(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id),))
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as exc:
+            self.metrics.upstream(method, _replica(exc.trailing_metadata()), exc.code().name)
+            raise UpstreamError(exc.code(), exc.details() or exc.code().name) from None
+        replica = _replica(await call.trailing_metadata())
+        self.metrics.upstream(method, replica, "OK")
+        return response, replica
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def _replica(metadata) -> str:
+    for key, value in metadata or ():
+        if key == REPLICA_KEY:
+            return value
+    return ""

@@ -1,0 +1,154 @@
+"""Property tests: malformed and adversarial requests never get a 5xx, always get the OIP error shape,
+and the malformed ones never reach the inference service."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.parse
+import urllib.request
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_gateway import IRIS_ROW
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+DATATYPES = [
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+]
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+def valid_request() -> dict:
+    return {"inputs": [dict(IRIS_ROW)]}
+
+
+@st.composite
+def malformed_requests(draw) -> tuple[bytes, dict[str, str]]:
+    """Requests that are wrong by construction, without asking the model."""
+    kind = draw(st.sampled_from(["bytes", "json", "shape", "datatype", "data", "field", "binary", "header"]))
+    request = valid_request()
+    tensor = request["inputs"][0]
+    headers: dict[str, str] = {}
+    if kind == "bytes":
+        body = draw(st.binary(max_size=64))
+        try:
+            decoded = json.loads(body)
+            if isinstance(decoded, dict) and "inputs" in decoded:
+                body = b"[" + body
+        except ValueError:
+            pass
+        return body, headers
+    if kind == "json":
+        value = draw(json_values)
+        if isinstance(value, dict):
+            value.pop("inputs", None)  # without inputs it can never be a valid request
+        return json.dumps(value).encode(), headers
+    if kind == "shape":
+        shape = draw(st.lists(st.integers(-3, 6), max_size=4).filter(lambda s: _product(s) != 4))
+        tensor["shape"] = shape
+    elif kind == "datatype":
+        tensor["datatype"] = draw(st.text(max_size=8).filter(lambda t: t not in DATATYPES))
+    elif kind == "data":
+        bad = draw(st.lists(st.text(max_size=3) | st.none() | st.booleans(), min_size=4, max_size=4))
+        tensor["data"] = bad
+    elif kind == "field":
+        key = draw(st.text(min_size=1, max_size=8).filter(lambda k: k not in {"id", "parameters", "inputs", "outputs"}))
+        request[key] = draw(json_values)
+    elif kind == "binary":
+        size = draw(st.integers(0, 64).filter(lambda n: n != 16))
+        del tensor["data"]
+        tensor["parameters"] = {"binary_data_size": size}
+        head = json.dumps(request).encode()
+        blob = draw(st.binary(min_size=size, max_size=size))
+        return head + blob, {"Inference-Header-Content-Length": str(len(head))}
+    else:
+        body = json.dumps(request).encode()
+        length = draw(st.text(max_size=6).filter(lambda t: not (t.strip().isdigit() and int(t) == len(body))))
+        headers["Inference-Header-Content-Length"] = re.sub(r"[^\x21-\x7e]", "", length) or "-1"
+        if headers["Inference-Header-Content-Length"].isdigit() and int(
+            headers["Inference-Header-Content-Length"]
+        ) == len(body):
+            headers["Inference-Header-Content-Length"] = "-1"
+        return body, headers
+    return json.dumps(request).encode(), headers
+
+
+def _product(shape: list[int]) -> int:
+    result = 1
+    for dim in shape:
+        result *= dim
+    return result
+
+
+def upstream_infer_calls(replica) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=5).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("inferencehub_inference_requests_total{")
+    )
+
+
+def assert_error_shape(response) -> None:
+    assert response.status < 500, response
+    if response.status >= 400:
+        body = response.json()
+        assert isinstance(body, dict) and set(body) == {"error"} and isinstance(body["error"], str), response
+
+
+def test_malformed_requests_never_reach_the_replica(gateway, replica):
+    before = upstream_infer_calls(replica)
+
+    @FUZZ
+    @given(malformed_requests())
+    def check(request):
+        body, headers = request
+        response = gateway.request("POST", "/v2/models/iris/infer", body, headers)
+        assert response.status == 400, (body, headers, response)
+        assert_error_shape(response)
+
+    check()
+    assert upstream_infer_calls(replica) == before
+    # The gateway still serves.
+    assert gateway.request("POST", "/v2/models/iris/infer", valid_request()).status == 200
+
+
+path_segments = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=10)
+
+
+@FUZZ
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+    segments=st.lists(
+        st.sampled_from(["v2", "models", "iris", "versions", "1", "ready", "infer", "health"]) | path_segments,
+        max_size=6,
+    ),
+    body=st.binary(max_size=32),
+    request_id=st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=200),
+)
+def test_adversarial_paths_and_headers_never_5xx(gateway, method, segments, body, request_id):
+    path = "/" + "/".join(urllib.parse.quote(s, safe="") for s in segments)
+    response = gateway.request(method, path, body if method != "GET" else None, {"X-Request-Id": request_id})
+    assert_error_shape(response)
+    if re.fullmatch(r"[A-Za-z0-9._:/=+-]{1,128}", request_id):
+        assert response.headers["x-request-id"] == request_id
+    else:
+        assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])

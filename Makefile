@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint format proto install clean
+.PHONY: run test lint format proto install tools clean kind-up kind-demo kind-down minikube-up minikube-demo minikube-down
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/inferencehub up
 
-test: lint
+test: lint tools
 	$(PY) -m pytest
 
 lint: $(STAMP)
@@ -27,8 +27,15 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+tools: $(STAMP)
+	$(PY) scripts/install_tools.py
+
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The Kubernetes path on a local cluster (needs docker, kubectl, helm, and kind or minikube).
+kind-up kind-demo kind-down minikube-up minikube-demo minikube-down:
+	scripts/k8s.sh $(firstword $(subst -, ,$@)) $(lastword $(subst -, ,$@))

@@ -70,3 +70,17 @@ def test_taken_port_is_a_clear_error():
     finally:
         first.terminate()
         first.kill()
+
+
+def test_each_image_runs_its_command_with_only_its_own_extra():
+    """The gateway image has no grpc health/reflection packages; the inference image has no aiohttp."""
+    blocked = {"gateway": ["grpc_health", "grpc_reflection"], "inference": ["aiohttp", "orjson"]}
+    for command, modules in blocked.items():
+        code = (
+            "import sys\n"
+            + "".join(f"sys.modules[{m!r}] = None\n" for m in modules)
+            + f"from inferencehub.cli import main\nmain([{command!r}, '--help'])"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert "INFERENCEHUB_PORT" in done.stdout

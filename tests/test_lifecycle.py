@@ -39,6 +39,7 @@ def test_loading_serving_draining_stopped(tmp_path):
         # Loading: listening, but NOT_SERVING for every name, and not ready.
         for name in HEALTH_NAMES:
             assert health_status(replica.target, name) == "NOT_SERVING"
+        assert health_status(replica.target, "inferencehub.liveness") == "SERVING"
         with triton.InferenceServerClient(replica.target) as client:
             assert client.is_server_live()
             assert not client.is_server_ready()
@@ -57,6 +58,8 @@ def test_loading_serving_draining_stopped(tmp_path):
             # Draining: NOT_SERVING at once, while calls are still accepted.
             wait_for(lambda: health_status(replica.target) == "NOT_SERVING", timeout=5, what="NOT_SERVING")
             assert time.monotonic() - started < 1.0
+            assert health_status(replica.target, "sleepy") == "NOT_SERVING"
+            assert health_status(replica.target, "inferencehub.liveness") == "SERVING"
             with triton.InferenceServerClient(replica.target) as client:
                 assert not client.is_server_ready()
 

@@ -290,7 +290,11 @@ def test_readme_commands_work_as_written(tmp_path):
             "--duration 10": "--duration 1",
         }
         readme = (root / "README.md").read_text()
-        blocks = re.findall(r"```sh\n(.*?)```", readme.split("## Quick start", 1)[1], re.S)
+        local, cluster = readme.split("## Quick start", 1)[1].split("## On Kubernetes", 1)
+        makefile = (root / "Makefile").read_text()
+        for target in re.findall(r"^make ([\w-]+)", cluster, re.M):  # cluster commands: the targets exist
+            assert re.search(rf"^([\w-]+ )*{target}( [\w-]+)*:", makefile, re.M), target
+        blocks = re.findall(r"```sh\n(.*?)```", local, re.S)
         commands = [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
         assert len(commands) >= 10
         env = {**os.environ, "INFERENCEHUB_URL": f"http://{gateway}"}

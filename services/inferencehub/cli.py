@@ -140,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser(
-        "up", help="run the whole system locally: a gateway and N inference replicas", description=_doc("up")
+        "up",
+        help="run the whole system locally: a gateway and N inference replicas",
+        description="Start N inference replicas on 127.0.0.2, 127.0.0.3, ... and the gateway on 127.0.0.1 pointed "
+        "at all of them; wait until all are ready; print where to send requests. Ctrl-C stops everything.",
     )
     add_arguments(up, UpSettings)
     up.set_defaults(run=_up)
@@ -181,7 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     _target_arguments(infer)
     infer.set_defaults(run=_infer)
 
-    bench = commands.add_parser("bench", help="put load on the gateway or a replica", description=_doc("bench"))
+    bench = commands.add_parser(
+        "bench",
+        help="put load on the gateway or a replica",
+        description="Closed loop (--concurrency) or open loop (--rate) load for a bounded --duration, through the "
+        "gateway or straight to a replica (--grpc). Prints a progress line each second, then requests, errors by "
+        "status, throughput, latency percentiles and the share each replica served.",
+    )
     bench.add_argument("--model", default="mock", help="model to call (default %(default)s)")
     _target_arguments(bench)
     load = bench.add_mutually_exclusive_group()
@@ -195,12 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the summary as JSON")
     bench.set_defaults(run=_bench)
     return parser
-
-
-def _doc(module: str) -> str:
-    import importlib
-
-    return importlib.import_module(f"inferencehub.{module}").__doc__ or ""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,9 @@
 """The inference service process: a grpc.aio server with health, reflection and metrics.
 
 Lifecycle:
-- start: listen, report NOT_SERVING, load every model, then report SERVING;
+- start: listen, report NOT_SERVING, load every model, then report SERVING
+  (for ``""``, ``inference.GRPCInferenceService`` and each model's name; ``inferencehub.liveness``
+  is SERVING throughout, for liveness probes);
 - SIGTERM/SIGINT: report NOT_SERVING at once, keep serving for ``drain_seconds`` while
   clients' health checks move traffic away, then refuse new calls, give in-flight
   calls ``grace_seconds`` to finish, and return (the process exits 0).
@@ -30,6 +32,10 @@ from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from inferencehub.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
+
+# SERVING from start to exit, whatever the models do: for liveness probes, which must not fail
+# while models load or while the replica drains (readiness probes use the other names).
+LIVENESS = "inferencehub.liveness"
 
 
 class StartupError(InferenceHubError):
@@ -83,7 +89,7 @@ class InferenceServer:
         """Drain, then stop: NOT_SERVING, wait, refuse new calls, let in-flight ones finish."""
         if self.engine.state is State.SERVING:
             self.engine.state = State.DRAINING
-            await self.health.enter_graceful_shutdown()
+            await self.set_health(False)
             log.info("draining for %.1fs", self.settings.drain_seconds)
             await asyncio.sleep(self.settings.drain_seconds)
         log.info("refusing new calls; in-flight calls have %.1fs to finish", self.settings.grace_seconds)
@@ -122,6 +128,7 @@ async def start(settings: InferenceSettings) -> InferenceServer:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     instance = InferenceServer(settings, engine, metrics, server, health, port, metrics_port, replica)
+    await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await instance.set_health(False)
     await server.start()
     log.info(

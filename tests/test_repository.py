@@ -23,7 +23,7 @@ GOOD = {
 
 def test_shipped_and_example_models_load():
     names = {c.name for c in load_repository(SHIPPED)}
-    assert names == {"iris", "mock", "mock-heavy"}
+    assert names == {"digits", "iris", "mock", "mock-heavy"}
     heavy = next(c for c in load_repository(SHIPPED) if c.name == "mock-heavy")
     assert heavy.execution == "process"
     assert [c.name for c in load_repository(EXAMPLE_MODELS)] == ["word-count"]
@@ -52,6 +52,22 @@ BAD = [
     ({**GOOD, "runtime": "python", "parameters": {"class": "no_such_module:Model"}}, "parameters.class"),
     ({**GOOD, "runtime": "python", "parameters": {"class": "json:JSONDecoder"}}, "parameters.class"),
     ([1, 2], "(top level)"),
+    ({**GOOD, "batching": {"max_batch_size": 0}}, "batching.max_batch_size"),
+    ({**GOOD, "batching": {"max_batch_size": 8, "preferred_batch_sizes": [16]}}, "batching.preferred_batch_sizes"),
+    ({**GOOD, "batching": {"max_batch_size": 8, "max_queue_delay_ms": -1}}, "batching.max_queue_delay_ms"),
+    ({**GOOD, "batching": {"max_batch_size": 8, "size": 1}}, "batching.size"),
+    (
+        {
+            **GOOD,
+            "batching": {"max_batch_size": 8},
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [4]}],
+            "outputs": [{"name": "output", "datatype": "FP32", "shape": [4]}],
+        },
+        "inputs[0].shape",
+    ),
+    ({**GOOD, "scheduling": {"max_concurrency": 0}}, "scheduling.max_concurrency"),
+    ({**GOOD, "scheduling": {"max_queue_size": -1}}, "scheduling.max_queue_size"),
+    ({**GOOD, "runtime": "mlp", "parameters": {"random_features": {"seed": 0}}}, "parameters.random_features"),
 ]
 
 

@@ -33,6 +33,12 @@ class Overloaded(InferenceHubError):
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class DeadlineExpired(InferenceHubError):
+    """The caller's deadline passed before the work could start."""
+
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class ModelError(InferenceHubError):
     """The model itself failed (a bug, an injected failure, a bad output)."""
 

@@ -42,6 +42,23 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Batching:
+    """Dynamic batching: requests that arrive together are stacked along the first dimension."""
+
+    max_batch_size: int  # rows in one model call
+    max_queue_delay_ms: float = 0.0  # how long the first request waits for others
+    preferred_batch_sizes: tuple[int, ...] = ()  # dispatch at once on reaching the largest
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    """Admission control: calls running at once, and requests allowed to wait; beyond, RESOURCE_EXHAUSTED."""
+
+    max_concurrency: int | None = None  # None: the size of the pool the model runs in
+    max_queue_size: int = 256
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     version: str
@@ -53,6 +70,8 @@ class ModelConfig:
     execution: str = "thread"  # "thread" or "process"
     directory: Path = Path(".")  # the model's folder, for files it loads
     source: Path = Path("config.json")  # the config file, for error messages
+    batching: Batching | None = None
+    scheduling: Scheduling = field(default_factory=Scheduling)
 
 
 class Model:

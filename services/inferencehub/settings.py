@@ -59,6 +59,7 @@ class InferenceSettings:
     threads: int = setting(4, "threads for thread-executed models")
     processes: int = setting(0, "worker processes for process-executed models (0: one per CPU)")
     max_message_bytes: int = setting(64 * 1024 * 1024, "largest gRPC message accepted or sent")
+    max_concurrent_rpcs: int = setting(1000, "calls handled at once; beyond, RESOURCE_EXHAUSTED (0: no limit)")
     drain_seconds: float = setting(1.0, "on SIGTERM, time between reporting NOT_SERVING and refusing new calls")
     grace_seconds: float = setting(10.0, "time in-flight calls get to finish after the drain")
     max_connection_age_seconds: float = setting(30.0, "connections are closed after this age so clients re-resolve")

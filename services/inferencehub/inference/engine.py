@@ -6,12 +6,15 @@ The gRPC servicer only converts protobuf to numpy and back and delegates here.
 from __future__ import annotations
 
 import enum
+import inspect
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from inferencehub.errors import InvalidInput, ModelError, ModelNotFound, ModelNotReady
+from inferencehub.inference.metrics import InferenceMetrics
+from inferencehub.inference.scheduler import ModelScheduler
 from inferencehub.inference.workers import Workers
 from inferencehub.model import Model, ModelConfig, TensorSpec
 from inferencehub.tensors import DATATYPES
@@ -37,6 +40,7 @@ def describe(spec: TensorSpec) -> str:
 class ServedModel:
     config: ModelConfig
     model: Model | None = None  # None for process models (loaded in the workers)
+    scheduler: ModelScheduler | None = None
     ready: bool = False
 
     def input_spec(self, name: str, datatype: str, shape: tuple[int, ...]) -> TensorSpec:
@@ -73,10 +77,14 @@ class ServedModel:
         return specs
 
 
+ASYNC_CONCURRENCY = 256  # default for models whose predict is a coroutine (they wait without a pool)
+
+
 class Engine:
-    def __init__(self, configs: list[ModelConfig], workers: Workers) -> None:
+    def __init__(self, configs: list[ModelConfig], workers: Workers, metrics: InferenceMetrics) -> None:
         self.models = {c.name: ServedModel(c) for c in configs}
         self.workers = workers
+        self.metrics = metrics
         self.state = State.LOADING
 
     @property
@@ -88,11 +96,32 @@ class Engine:
         await self.workers.start()
         for served in self.models.values():
             served.model = await self.workers.load(served.config)
+            served.scheduler = ModelScheduler(
+                served.config, self._runner(served), self._concurrency(served), self.metrics
+            )
             served.ready = True
             log.info(
                 "model %s (version %s, %s) loaded", served.config.name, served.config.version, served.config.runtime
             )
         self.state = State.SERVING
+
+    def _runner(self, served: ServedModel):
+        async def run(inputs):
+            return await self.workers.predict(served.config, served.model, inputs)
+
+        return run
+
+    def _concurrency(self, served: ServedModel) -> int:
+        if served.config.scheduling.max_concurrency is not None:
+            return served.config.scheduling.max_concurrency
+        if served.model is not None and inspect.iscoroutinefunction(served.model.predict):
+            return ASYNC_CONCURRENCY
+        return self.workers.process_count if served.config.execution == "process" else self.workers.thread_count
+
+    async def close(self) -> None:
+        for served in self.models.values():
+            if served.scheduler is not None:
+                await served.scheduler.close()
 
     def get(self, name: str, version: str = "") -> ServedModel:
         served = self.models.get(name)
@@ -103,12 +132,15 @@ class Engine:
         return served
 
     async def infer(
-        self, served: ServedModel, inputs: dict[str, np.ndarray], outputs: list[TensorSpec]
+        self, served: ServedModel, inputs: dict[str, np.ndarray], outputs: list[TensorSpec], deadline: float | None
     ) -> list[np.ndarray]:
-        """Run the model on validated inputs; return the requested outputs, checked against the config."""
-        if not served.ready or self.state is State.LOADING:
+        """Run the model on validated inputs (queued, maybe batched); return the requested outputs, checked.
+
+        ``deadline`` is in event-loop time: queued work still waiting then is dropped, not computed.
+        """
+        if not served.ready or served.scheduler is None or self.state is State.LOADING:
             raise ModelNotReady(f"model '{served.config.name}' is not ready")
-        results = await self.workers.predict(served.config, served.model, inputs)
+        results = await served.scheduler.submit(inputs, deadline)
         return [self._checked_output(served.config, results, spec) for spec in outputs]
 
     @staticmethod

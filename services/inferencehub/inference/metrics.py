@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 UNKNOWN_MODEL = "_unknown"  # label for names that are not served, so clients cannot grow the label set
 
 
@@ -37,6 +38,45 @@ class InferenceMetrics:
             "inferencehub_model_ready",
             "1 when the model is loaded and ready, else 0.",
             ["model", "version"],
+            registry=self.registry,
+        )
+
+        self.queue_depth = Gauge(
+            "inferencehub_inference_queue_depth",
+            "Requests waiting in the model's queue.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.queue_duration = Histogram(
+            "inferencehub_inference_queue_duration_seconds",
+            "Time requests waited in the model's queue before their model call started.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "inferencehub_inference_batch_size",
+            "Requests stacked into one model call.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.model_calls = Counter(
+            "inferencehub_inference_model_calls",
+            "Calls of the model itself (one per batch).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "inferencehub_inference_rejected_requests",
+            "Requests refused with RESOURCE_EXHAUSTED because the model's queue was full.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.expired = Counter(
+            "inferencehub_inference_expired_requests",
+            "Queued requests dropped before computing: their deadline passed, or their caller cancelled.",
+            ["model", "reason"],
             registry=self.registry,
         )
 

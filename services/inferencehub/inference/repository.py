@@ -17,13 +17,24 @@ from typing import Any
 
 from inferencehub.errors import ConfigError
 from inferencehub.inference import runtimes
-from inferencehub.model import ModelConfig, TensorSpec
+from inferencehub.model import Batching, ModelConfig, Scheduling, TensorSpec
 from inferencehub.tensors import DATATYPES
 
 SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "model_repository"
 CONFIG_FILE = "config.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-TOP_LEVEL_FIELDS = {"name", "version", "runtime", "platform", "inputs", "outputs", "parameters", "execution"}
+TOP_LEVEL_FIELDS = {
+    "name",
+    "version",
+    "runtime",
+    "platform",
+    "inputs",
+    "outputs",
+    "parameters",
+    "execution",
+    "batching",
+    "scheduling",
+}
 EXECUTIONS = ("thread", "process")
 
 
@@ -87,17 +98,21 @@ def parse_config(raw: Any, source: Path) -> ModelConfig:
     if not isinstance(platform, str):
         raise fail("platform", "expected a string")
 
+    inputs, outputs = _tensors(raw, "inputs", fail), _tensors(raw, "outputs", fail)
+    batching = _batching(raw.get("batching"), inputs, outputs, fail)
     config = ModelConfig(
         name=name,
         version=version,
         runtime=runtime_name,
         platform=platform,
-        inputs=_tensors(raw, "inputs", fail),
-        outputs=_tensors(raw, "outputs", fail),
+        inputs=inputs,
+        outputs=outputs,
         parameters=parameters,
         execution=execution,
         directory=source.parent.resolve(),
         source=source,
+        batching=batching,
+        scheduling=_scheduling(raw.get("scheduling"), fail),
     )
     runtime.resolve(config)  # validates the runtime's parameters
     return config
@@ -132,3 +147,51 @@ def _tensors(raw: dict, key: str, fail) -> tuple[TensorSpec, ...]:
             raise fail(f"{where}.name", f"duplicate tensor name '{name}'")
         specs.append(TensorSpec(name, dtype, tuple(shape)))
     return tuple(specs)
+
+
+def _integer(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _batching(raw: Any, inputs, outputs, fail) -> Batching | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise fail("batching", 'expected an object such as {"max_batch_size": 32, "max_queue_delay_ms": 2}')
+    unknown = sorted(set(raw) - {"max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes"})
+    if unknown:
+        raise fail(
+            f"batching.{unknown[0]}",
+            "unknown field (expected max_batch_size, max_queue_delay_ms, preferred_batch_sizes)",
+        )
+    size = raw.get("max_batch_size")
+    if not _integer(size, 1):
+        raise fail("batching.max_batch_size", "expected an integer >= 1")
+    delay = raw.get("max_queue_delay_ms", 0)
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 10_000:
+        raise fail("batching.max_queue_delay_ms", "expected a number of milliseconds from 0 to 10000")
+    preferred = raw.get("preferred_batch_sizes", [])
+    if not isinstance(preferred, list) or not all(_integer(p, 1) and p <= size for p in preferred):
+        raise fail("batching.preferred_batch_sizes", f"expected a list of sizes from 1 to max_batch_size ({size})")
+    for key, specs in (("inputs", inputs), ("outputs", outputs)):
+        for i, spec in enumerate(specs):
+            if spec.shape[0] != -1:
+                raise fail(f"{key}[{i}].shape", "batching stacks requests along the first dimension: it must be -1")
+    return Batching(size, float(delay), tuple(sorted(set(preferred))))
+
+
+def _scheduling(raw: Any, fail) -> Scheduling:
+    if raw is None:
+        return Scheduling()
+    if not isinstance(raw, dict):
+        raise fail("scheduling", 'expected an object such as {"max_concurrency": 2, "max_queue_size": 64}')
+    unknown = sorted(set(raw) - {"max_concurrency", "max_queue_size"})
+    if unknown:
+        raise fail(f"scheduling.{unknown[0]}", "unknown field (expected max_concurrency, max_queue_size)")
+    concurrency = raw.get("max_concurrency")
+    if concurrency is not None and not _integer(concurrency, 1):
+        raise fail("scheduling.max_concurrency", "expected an integer >= 1")
+    queue = raw.get("max_queue_size", Scheduling.max_queue_size)
+    if not _integer(queue, 0):
+        raise fail("scheduling.max_queue_size", "expected an integer >= 0")
+    return Scheduling(concurrency, queue)

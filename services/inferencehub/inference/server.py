@@ -94,6 +94,7 @@ class InferenceServer:
             await asyncio.sleep(self.settings.drain_seconds)
         log.info("refusing new calls; in-flight calls have %.1fs to finish", self.settings.grace_seconds)
         await self.server.stop(self.settings.grace_seconds)
+        await self.engine.close()
         self.engine.workers.close()
         self.metrics.close()
         log.info("replica %s stopped", self.replica)
@@ -104,10 +105,12 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     configs = load_repository(settings.models or SHIPPED_MODELS)
     processes = settings.processes or cpu_count()
     workers = Workers(settings.threads, processes, [c for c in configs if c.execution == "process"])
-    engine = Engine(configs, workers)
     metrics = InferenceMetrics()
+    engine = Engine(configs, workers, metrics)
 
-    server = grpc.aio.server(options=server_options(settings))
+    server = grpc.aio.server(
+        options=server_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None
+    )
     address = f"{settings.host}:{settings.port}"
     try:
         port = server.add_insecure_port(address)

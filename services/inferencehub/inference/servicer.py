@@ -126,7 +126,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         in_flight.inc()
         context.set_trailing_metadata(self.replica_metadata)
         try:
-            response = await self._infer(request)
+            response = await self._infer(request, context)
         except InferenceHubError as exc:
             code, message = exc.status, str(exc)
             log.warning("ModelInfer %s: %s: %s", request.model_name, code.name, exc)
@@ -151,11 +151,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics.requests.labels(model, code.name).inc()
         self.metrics.duration.labels(model).observe(time.perf_counter() - start)
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         served = self.engine.get(request.model_name, request.model_version)
         inputs = decode_inputs(request, served)
         specs = served.output_specs([o.name for o in request.outputs])
-        arrays = await self.engine.infer(served, inputs, specs)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        arrays = await self.engine.infer(served, inputs, specs, deadline)
         response = pb.ModelInferResponse(
             model_name=served.config.name, model_version=served.config.version, id=request.id
         )

@@ -61,7 +61,8 @@ def cpu_count() -> int:
 
 class Workers:
     def __init__(self, threads: int, processes: int, process_configs: list[ModelConfig]) -> None:
-        self.threads = ThreadPoolExecutor(max(1, threads), thread_name_prefix="model")
+        self.thread_count = max(1, threads)
+        self.threads = ThreadPoolExecutor(self.thread_count, thread_name_prefix="model")
         self.process_count = max(1, processes)
         self.process_configs = process_configs
         self.processes: ProcessPoolExecutor | None = None

@@ -1,0 +1,213 @@
+"""Per-model scheduling: admission control, dynamic batching, and dropping work nobody waits for.
+
+Each model has one dispatcher task and a bounded queue. Requests beyond the queue (and the free
+execution slots) are refused at once with RESOURCE_EXHAUSTED, so overload costs the caller
+microseconds instead of a timeout, and memory stays bounded. The dispatcher waits for a free slot,
+takes the oldest live request and, for a batching model, every compatible request that fits
+(same datatypes and same sizes beyond the first dimension), waiting up to ``max_queue_delay_ms`` for
+more unless the largest preferred batch size is reached. The batch is stacked along the first
+dimension, run once, and split so each caller gets exactly its own rows. A request whose deadline
+has passed, or whose caller has gone, is dropped before it is computed, and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inferencehub.errors import DeadlineExpired, InvalidInput, ModelError, ModelNotReady, Overloaded
+from inferencehub.inference.metrics import InferenceMetrics
+from inferencehub.model import ModelConfig
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(eq=False)
+class Pending:
+    inputs: Arrays
+    rows: int
+    key: tuple
+    deadline: float | None  # event-loop time
+    enqueued: float
+    future: asyncio.Future = field(repr=False)
+
+
+class ModelScheduler:
+    def __init__(
+        self,
+        config: ModelConfig,
+        run: Callable[[Arrays], Awaitable[Arrays]],
+        concurrency: int,
+        metrics: InferenceMetrics,
+    ) -> None:
+        self.config = config
+        self.run = run
+        self.concurrency = concurrency
+        self.batching = config.batching
+        self.max_queue = config.scheduling.max_queue_size
+        self.queue: collections.deque[Pending] = collections.deque()
+        self.busy = 0
+        self.slots = asyncio.Semaphore(concurrency)
+        self.arrived = asyncio.Event()
+        self.running: set[asyncio.Task] = set()
+        self.dispatcher = asyncio.create_task(self._dispatch(), name=f"dispatch {config.name}")
+        name = config.name
+        self.m_depth = metrics.queue_depth.labels(name)
+        self.m_queue_time = metrics.queue_duration.labels(name)
+        self.m_batch = metrics.batch_size.labels(name)
+        self.m_rejected = metrics.rejected.labels(name)
+        self.m_calls = metrics.model_calls.labels(name)
+        self.m_expired = {reason: metrics.expired.labels(name, reason) for reason in ("deadline", "cancelled")}
+
+    async def submit(self, inputs: Arrays, deadline: float | None) -> Arrays:
+        """Queue one request and wait for its outputs (its own rows of the batch it ran in)."""
+        loop = asyncio.get_running_loop()
+        rows, key = 0, ()
+        if self.batching:
+            first = next(iter(inputs.values()))
+            rows = first.shape[0]
+            if rows > self.batching.max_batch_size:
+                raise InvalidInput(
+                    f"model '{self.config.name}': a request of {rows} rows is over its max_batch_size "
+                    f"({self.batching.max_batch_size}); split it"
+                )
+            key = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(inputs.items()))
+        free = self.concurrency - self.busy
+        if len(self.queue) >= self.max_queue + max(free, 0):
+            self.m_rejected.inc()
+            raise Overloaded(
+                f"model '{self.config.name}' is overloaded: {len(self.queue)} requests waiting "
+                f"(max_queue_size {self.max_queue}); retry later"
+            )
+        pending = Pending(inputs, rows, key, deadline, loop.time(), loop.create_future())
+        self.queue.append(pending)
+        self.m_depth.set(len(self.queue))
+        self.arrived.set()
+        return await pending.future  # a caller that goes away cancels this future; the dispatcher skips it
+
+    async def close(self) -> None:
+        self.dispatcher.cancel()
+        for task in list(self.running):
+            task.cancel()
+        while self.queue:
+            pending = self.queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(ModelNotReady(f"model '{self.config.name}' is shutting down"))
+        self.m_depth.set(0)
+
+    # --- the dispatcher --------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self.slots.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self.slots.release()
+                raise
+            self.busy += 1
+            task = asyncio.create_task(self._execute(batch))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+
+    async def _next_batch(self) -> list[Pending]:
+        first = await self._pop_live()
+        batch = [first]
+        if not self.batching:
+            return batch
+        rows = first.rows
+        limit = self.batching.max_batch_size
+        target = self.batching.preferred_batch_sizes[-1] if self.batching.preferred_batch_sizes else limit
+        dispatch_at = first.enqueued + self.batching.max_queue_delay_ms / 1000
+        loop = asyncio.get_running_loop()
+        while True:
+            rows = self._take_compatible(batch, rows, limit)
+            remaining = dispatch_at - loop.time()
+            if rows >= target or remaining <= 0:
+                return batch
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), remaining)
+
+    async def _pop_live(self) -> Pending:
+        while True:
+            while not self.queue:
+                self.arrived.clear()
+                await self.arrived.wait()
+            pending = self.queue.popleft()
+            self.m_depth.set(len(self.queue))
+            if self._alive(pending):
+                return pending
+
+    def _take_compatible(self, batch: list[Pending], rows: int, limit: int) -> int:
+        key = batch[0].key
+        kept: collections.deque[Pending] = collections.deque()
+        for pending in self.queue:
+            if pending.key != key or rows + pending.rows > limit:
+                kept.append(pending)
+            elif self._alive(pending):
+                batch.append(pending)
+                rows += pending.rows
+        self.queue = kept
+        self.m_depth.set(len(kept))
+        return rows
+
+    def _alive(self, pending: Pending) -> bool:
+        """False (and counted) for a request whose caller left or whose deadline passed."""
+        now = asyncio.get_running_loop().time()
+        expired = pending.deadline is not None and now >= pending.deadline
+        if pending.future.done():
+            self.m_expired["deadline" if expired else "cancelled"].inc()
+            return False
+        if expired:
+            pending.future.set_exception(DeadlineExpired(f"model '{self.config.name}': deadline passed in the queue"))
+            self.m_expired["deadline"].inc()
+            return False
+        self.m_queue_time.observe(now - pending.enqueued)
+        return True
+
+    async def _execute(self, batch: list[Pending]) -> None:
+        try:
+            if len(batch) == 1:
+                inputs = batch[0].inputs
+            else:
+                inputs = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+            self.m_batch.observe(len(batch))
+            self.m_calls.inc()
+            results = await self.run(inputs)
+            parts = [results] if len(batch) == 1 else self._split(results, [p.rows for p in batch])
+            for pending, part in zip(batch, parts, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(part)
+        except asyncio.CancelledError:
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(ModelNotReady(f"model '{self.config.name}' is shutting down"))
+            raise
+        except Exception as exc:
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+        finally:
+            self.busy -= 1
+            self.slots.release()
+
+    def _split(self, results: Arrays, rows: list[int]) -> list[Arrays]:
+        total = sum(rows)
+        if not isinstance(results, dict):
+            raise ModelError(f"model '{self.config.name}' returned {type(results).__name__}, not a dict of outputs")
+        arrays = {name: np.asarray(value) for name, value in results.items()}
+        for name, array in arrays.items():
+            if array.ndim == 0 or array.shape[0] != total:
+                raise ModelError(
+                    f"model '{self.config.name}' returned {list(array.shape)} for output '{name}' "
+                    f"from a batch of {total} rows"
+                )
+        bounds = np.cumsum([0, *rows])
+        return [{name: a[start:end] for name, a in arrays.items()} for start, end in itertools.pairwise(bounds)]

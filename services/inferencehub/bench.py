@@ -69,6 +69,7 @@ class Recorder:
             "errors": {s: n for s, n in sorted(self.statuses.items()) if s not in ("200", "OK")},
             "error_examples": self.errors,
             "dropped": self.dropped,
+            "offered_rps": round((self.requests + self.dropped) / config.duration, 2) if config.rate else None,
             "throughput_rps": round(ok / elapsed, 2) if elapsed else 0.0,
             "latency_ms": {
                 "p50": round(float(np.percentile(lat, 50)), 3),
@@ -141,7 +142,8 @@ def format_summary(s: dict) -> str:
         f"target      {s['target']}  model {s['model']}  {s['mode']}  {s['duration_s']:.1f}s",
         f"requests    {s['requests']}  ok {s['ok']}  errors {sum(s['errors'].values())}"
         + (f"  dropped {s['dropped']}" if s["dropped"] else ""),
-        f"throughput  {s['throughput_rps']:.1f} req/s",
+        f"throughput  {s['throughput_rps']:.1f} req/s"
+        + (f"  (offered {s['offered_rps']:.1f} req/s)" if s["offered_rps"] is not None else ""),
         f"latency ms  p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  max {lat['max']:.2f}",
     ]
     for status, count in s["errors"].items():

@@ -4,10 +4,11 @@ Each model has one dispatcher task and a bounded queue. Requests beyond the queu
 execution slots) are refused at once with RESOURCE_EXHAUSTED, so overload costs the caller
 microseconds instead of a timeout, and memory stays bounded. The dispatcher waits for a free slot,
 takes the oldest live request and, for a batching model, every compatible request that fits
-(same datatypes and same sizes beyond the first dimension), waiting up to ``max_queue_delay_ms`` for
-more unless the largest preferred batch size is reached. The batch is stacked along the first
-dimension, run once, and split so each caller gets exactly its own rows. A request whose deadline
-has passed, or whose caller has gone, is dropped before it is computed, and counted.
+(same datatypes and same sizes beyond the first dimension), waiting up to ``max_queue_delay_ms``
+for more, unless the largest preferred batch size is reached or nothing else for the model is
+queued or running. The batch is stacked along the first dimension, run once, and split so each
+caller gets exactly its own rows. A request whose deadline has passed, or whose caller has gone,
+is dropped before it is computed, and counted.
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ class ModelScheduler:
         while True:
             rows = self._take_compatible(batch, rows, limit)
             remaining = dispatch_at - loop.time()
-            if rows >= target or remaining <= 0:
+            # Waiting for company only pays when other work for this model is under way: a lone
+            # caller (say, concurrency 1) is dispatched at once instead of paying the delay.
+            if rows >= target or remaining <= 0 or (self.busy == 0 and not self.queue):
                 return batch
             self.arrived.clear()
             with contextlib.suppress(TimeoutError):

@@ -115,10 +115,10 @@ class SleepMock(_Mock):
 
 
 class BusyMock(_Mock):
-    """Burns one CPU core for the latency, like a real CPU-bound model."""
+    """Burns the latency in CPU time, like a real CPU-bound model: it takes longer when cores are shared."""
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        end = time.perf_counter() + self.latency.sample(self.rng)
-        while time.perf_counter() < end:
+        end = time.thread_time() + self.latency.sample(self.rng)
+        while time.thread_time() < end:
             pass
         return self._echo(inputs)

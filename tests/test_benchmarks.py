@@ -1,0 +1,39 @@
+"""The benchmark scripts run end to end (quick mode: short runs, no timing assertions)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+BENCHMARKS = ["batching", "overload", "blocking", "serialization", "overhead", "scaling"]
+
+
+def test_every_benchmark_runs_and_writes_a_table_and_a_plot(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in BENCHMARKS:
+        report = (tmp_path / f"{name}.md").read_text()
+        assert report.startswith("# ") and "Machine: " in report and "quick mode" in report
+        table = [line for line in report.splitlines() if line.startswith("| ")]
+        assert len(table) >= 3, name  # a header and rows
+        png = (tmp_path / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000, name
+        assert re.search(rf"== {name} \.\.\.\n   \S", done.stdout), name  # a verdict line for each
+
+
+def test_committed_results_are_complete_and_linked():
+    results = ROOT / "benchmarks" / "results"
+    readme = (ROOT / "README.md").read_text() + (ROOT / "benchmarks" / "README.md").read_text()
+    for name in BENCHMARKS:
+        report = (results / f"{name}.md").read_text()
+        assert "Machine: " in report and "quick mode" not in report, name
+        assert (results / f"{name}.png").exists()
+        assert f"results/{name}.md" in readme

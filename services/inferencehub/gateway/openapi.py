@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import inferencehub
+from inferencehub.tensors import DATATYPES
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -84,21 +85,7 @@ def openapi_document() -> dict[str, Any]:
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
             "datatype": {
                 "type": "string",
-                "enum": [
-                    "BOOL",
-                    "UINT8",
-                    "UINT16",
-                    "UINT32",
-                    "UINT64",
-                    "INT8",
-                    "INT16",
-                    "INT32",
-                    "INT64",
-                    "FP16",
-                    "FP32",
-                    "FP64",
-                    "BYTES",
-                ],
+                "enum": list(DATATYPES),
             },
             "parameters": {"type": "object"},
             "data": {"type": "array", "items": {}},

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import shutil
 import signal
 import socket
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -122,6 +124,17 @@ async def wait_serving(name: str, target: str, child: Child) -> None:
     raise UpError(f"{name} was not SERVING within {START_TIMEOUT:.0f}s")
 
 
+def tool_prefix() -> str:
+    """Where this installation's commands are, as a user should type it: "" when they are on PATH."""
+    folder = Path(sys.executable).parent
+    if shutil.which("inferencehub") == str(folder / "inferencehub"):
+        return ""
+    try:
+        return f"{folder.relative_to(Path.cwd())}/"
+    except ValueError:
+        return f"{folder}/"
+
+
 def banner(gateway: str, replicas: list[tuple[str, str, str]], models: list[str]) -> str:
     lines = [
         "",
@@ -133,13 +146,14 @@ def banner(gateway: str, replicas: list[tuple[str, str, str]], models: list[str]
         lines.append(f"  {name:<12} {target}   (gRPC; metrics http://{metrics}/metrics)")
     body = '{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [6.3, 3.3, 6.0, 2.5]}]}'
     port_flag = "" if gateway.endswith(":8080") else f" --url http://{gateway}"
+    bin_ = tool_prefix()
     lines += [
         "",
         "Try:",
         f"  curl -s http://{gateway}/v2/models/iris/infer -H 'Content-Type: application/json' -d '{body}'",
-        f"  grpcurl -plaintext {replicas[0][1]} list",
-        f"  inferencehub infer iris --data '[[5.1, 3.5, 1.4, 0.2]]'{port_flag}",
-        f"  inferencehub bench --model mock --concurrency 16 --duration 10{port_flag}",
+        f"  {bin_}grpcurl -plaintext {replicas[0][1]} list",
+        f"  {bin_}inferencehub infer iris --data '[[5.1, 3.5, 1.4, 0.2]]'{port_flag}",
+        f"  {bin_}inferencehub bench --model mock --concurrency 16 --duration 10{port_flag}",
         "",
         "Ctrl-C stops everything.",
         "",

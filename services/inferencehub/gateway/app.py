@@ -177,6 +177,13 @@ async def model_metadata(request: web.Request) -> web.Response:
     return web.json_response(rest.model_metadata_json(response))
 
 
+async def model_config(request: web.Request) -> web.Response:
+    """Triton's model-configuration extension, which perf_analyzer reads, derived from the model's metadata."""
+    name, version = model_and_version(request)
+    response, _ = await call(request, "ModelMetadata", pb.ModelMetadataRequest(name=name, version=version))
+    return web.json_response(rest.model_config_json(response))
+
+
 async def model_ready(request: web.Request) -> web.Response:
     name, version = model_and_version(request)
     response, _ = await call(request, "ModelReady", pb.ModelReadyRequest(name=name, version=version))
@@ -211,6 +218,7 @@ def routes() -> list[web.RouteDef]:
         table += [
             web.get(prefix, model_metadata),
             web.get(prefix + "/ready", model_ready),
+            web.get(prefix + "/config", model_config),
             web.post(prefix + "/infer", infer),
         ]
     return table

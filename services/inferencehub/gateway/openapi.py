@@ -41,6 +41,13 @@ def _model_paths(prefix: str) -> dict[str, Any]:
                 },
             }
         },
+        prefix + "/config": {
+            "get": {
+                "summary": "Model configuration (Triton's extension, for perf_analyzer)",
+                "parameters": params,
+                "responses": {"200": _json({"type": "object"}, "configuration"), **_errors(404, 503, 504)},
+            }
+        },
         prefix + "/ready": {
             "get": {
                 "summary": "Model readiness",

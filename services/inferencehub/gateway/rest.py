@@ -288,3 +288,25 @@ def model_metadata_json(metadata: pb.ModelMetadataResponse) -> dict[str, Any]:
         "inputs": tensors(metadata.inputs),
         "outputs": tensors(metadata.outputs),
     }
+
+
+def model_config_json(metadata: pb.ModelMetadataResponse) -> dict[str, Any]:
+    """Triton's model configuration, as far as the metadata tells it (no batching declared: full shapes)."""
+
+    def tensors(items) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": t.name,
+                "data_type": f"TYPE_{'STRING' if t.datatype == 'BYTES' else t.datatype}",
+                "dims": list(t.shape),
+            }
+            for t in items
+        ]
+
+    return {
+        "name": metadata.name,
+        "platform": metadata.platform,
+        "max_batch_size": 0,
+        "input": tensors(metadata.inputs),
+        "output": tensors(metadata.outputs),
+    }

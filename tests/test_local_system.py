@@ -189,7 +189,11 @@ def test_infer_errors_are_clear(system):
     assert not_json.returncode == 2 and "not JSON" in not_json.stderr
     unknown = cli("infer", "iris", "--input", "petals=[1]", "--url", url)
     assert unknown.returncode == 2 and "petals" in unknown.stderr
-    for stream in (wrong.stderr, missing.stderr, not_json.stderr, unknown.stderr):
+    closed = cli("infer", "iris", "--data", "[[1, 2, 3, 4]]", "--url", "http://127.0.0.1:1")
+    assert closed.returncode == 2 and "cannot reach the gateway at http://127.0.0.1:1" in closed.stderr
+    closed_bench = cli("bench", "--url", "http://127.0.0.1:1", "--duration", "1")
+    assert closed_bench.returncode == 2 and "cannot reach the gateway" in closed_bench.stderr
+    for stream in (wrong.stderr, missing.stderr, not_json.stderr, unknown.stderr, closed.stderr, closed_bench.stderr):
         assert "Traceback" not in stream
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from inferencehub.errors import InvalidInput
+from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.tensors import DATATYPES, datatype_of, from_raw, to_raw
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -95,11 +95,18 @@ class HttpTransport:
         await self.session.close()
 
     async def metadata(self, model: str) -> dict:
-        async with self.session.get(f"{self.url}/v2/models/{model}") as response:
-            body = await response.json(content_type=None)
-            if response.status != 200:
-                raise InvalidInput(f"{self.url}: {response.status}: {body.get('error', body)}")
-            return body
+        try:
+            async with self.session.get(f"{self.url}/v2/models/{model}") as response:
+                payload = await response.read()
+                status = response.status
+        except (self._aiohttp.ClientError, TimeoutError) as exc:
+            raise InferenceHubError(f"cannot reach the gateway at {self.url}: {exc or type(exc).__name__}") from None
+        if status != 200:
+            raise InvalidInput(f"{self.url}: {status}: {_error_text(payload)}")
+        try:
+            return json.loads(payload)
+        except ValueError:
+            raise InferenceHubError(f"{self.url} did not answer with model metadata (is it the gateway?)") from None
 
     def prepare(self, model: str, arrays: dict[str, np.ndarray], binary: bool = True) -> tuple[str, bytes, dict]:
         inputs, blobs = [], []

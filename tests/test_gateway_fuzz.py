@@ -56,7 +56,11 @@ def malformed_requests(draw) -> tuple[bytes, dict[str, str]]:
         bad = draw(st.lists(st.text(max_size=3) | st.none() | st.booleans(), min_size=4, max_size=4))
         tensor["data"] = bad
     elif kind == "field":
-        key = draw(st.text(min_size=1, max_size=8).filter(lambda k: k not in {"id", "parameters", "inputs", "outputs"}))
+        key = draw(
+            st.text(min_size=1, max_size=8).filter(
+                lambda k: k not in {"id", "parameters", "inputs", "outputs", "model_name", "model_version"}
+            )
+        )
         request[key] = draw(json_values)
     elif kind == "binary":
         size = draw(st.integers(0, 64).filter(lambda n: n != 16))

@@ -94,7 +94,14 @@ def parse_infer_request(
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
     doc = _object(doc, "the request body")
-    _only(doc, {"id", "parameters", "inputs", "outputs"}, "the request")
+    _only(doc, {"id", "parameters", "inputs", "outputs", "model_name", "model_version"}, "the request")
+    # Some clients (the kserve SDK) repeat the model in the body: it must agree with the path.
+    if "model_name" in doc and doc["model_name"] != model:
+        raise InvalidInput(f"request 'model_name' is {doc['model_name']!r}, but the path says {model!r}")
+    body_version = doc.get("model_version", "")
+    if not isinstance(body_version, str) or (version and body_version and body_version != version):
+        raise InvalidInput(f"request 'model_version' is {body_version!r}, but the path says {version!r}")
+    version = version or body_version
 
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     if "id" in doc:

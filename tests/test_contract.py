@@ -8,6 +8,7 @@ import sys
 import grpc_tools
 from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
+from tritonclient.grpc import model_config_pb2 as triton_config_pb
 from tritonclient.grpc import service_pb2 as triton_pb
 
 from conftest import ROOT
@@ -55,6 +56,7 @@ def our_descriptors(tmp_path) -> dict[str, descriptor_pb2.DescriptorProto]:
         if file.package == "inference":
             walk("", file.message_type)
             found["__service__"] = file.service[0]  # type: ignore[assignment]
+            found["__enums__"] = file.enum_type  # type: ignore[assignment]
     return found
 
 
@@ -67,11 +69,16 @@ def test_messages_match_tritonclient_on_the_wire(tmp_path):
         theirs = triton_service.methods_by_name[method.name]
         assert method.input_type == "." + theirs.input_type.full_name
         assert method.output_type == "." + theirs.output_type.full_name
-    assert len(ours) >= 20
+    for enum in ours.pop("__enums__"):
+        theirs = {v.name: v.number for v in triton_config_pb.DESCRIPTOR.enum_types_by_name[enum.name].values}
+        assert {v.name: v.number for v in enum.value} == theirs, enum.name
+    assert len(ours) >= 25
     for name, message in ours.items():
         if name.endswith("ParametersEntry"):
             continue
-        theirs = triton_pb.DESCRIPTOR.message_types_by_name[name.split(".")[0]]
+        top = name.split(".")[0]
+        module = triton_pb if top in triton_pb.DESCRIPTOR.message_types_by_name else triton_config_pb
+        theirs = module.DESCRIPTOR.message_types_by_name[top]
         for part in name.split(".")[1:]:
             theirs = theirs.nested_types_by_name[part]
         their_fields = {f.name: (f.number, f.type, f.is_repeated) for f in theirs.fields}

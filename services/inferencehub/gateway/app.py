@@ -178,10 +178,10 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 
 async def model_config(request: web.Request) -> web.Response:
-    """Triton's model-configuration extension, which perf_analyzer reads, derived from the model's metadata."""
+    """Triton's model-configuration extension, which perf_analyzer reads."""
     name, version = model_and_version(request)
-    response, _ = await call(request, "ModelMetadata", pb.ModelMetadataRequest(name=name, version=version))
-    return web.json_response(rest.model_config_json(response))
+    response, _ = await call(request, "ModelConfig", pb.ModelConfigRequest(name=name, version=version))
+    return web.json_response(rest.model_config_json(response.config))
 
 
 async def model_ready(request: web.Request) -> web.Response:

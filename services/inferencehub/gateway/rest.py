@@ -297,23 +297,23 @@ def model_metadata_json(metadata: pb.ModelMetadataResponse) -> dict[str, Any]:
     }
 
 
-def model_config_json(metadata: pb.ModelMetadataResponse) -> dict[str, Any]:
-    """Triton's model configuration, as far as the metadata tells it (no batching declared: full shapes)."""
+def model_config_json(config: pb.ModelConfig) -> dict[str, Any]:
+    """Triton's model configuration as JSON, the way Triton's HTTP API writes it."""
 
     def tensors(items) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": t.name,
-                "data_type": f"TYPE_{'STRING' if t.datatype == 'BYTES' else t.datatype}",
-                "dims": list(t.shape),
-            }
-            for t in items
-        ]
+        return [{"name": t.name, "data_type": pb.DataType.Name(t.data_type), "dims": list(t.dims)} for t in items]
 
-    return {
-        "name": metadata.name,
-        "platform": metadata.platform,
-        "max_batch_size": 0,
-        "input": tensors(metadata.inputs),
-        "output": tensors(metadata.outputs),
+    doc: dict[str, Any] = {
+        "name": config.name,
+        "platform": config.platform,
+        "backend": config.backend,
+        "max_batch_size": config.max_batch_size,
+        "input": tensors(config.input),
+        "output": tensors(config.output),
     }
+    if config.HasField("dynamic_batching"):
+        doc["dynamic_batching"] = {
+            "preferred_batch_size": list(config.dynamic_batching.preferred_batch_size),
+            "max_queue_delay_microseconds": config.dynamic_batching.max_queue_delay_microseconds,
+        }
+    return doc

@@ -18,6 +18,7 @@ from inferencehub import logs
 from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.inference.engine import Engine, ServedModel
 from inferencehub.inference.metrics import UNKNOWN_MODEL, InferenceMetrics
+from inferencehub.model import ModelConfig
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from inferencehub.tensors import DATATYPES, from_raw, from_values, to_raw, to_values
@@ -66,6 +67,30 @@ def encode_outputs(response: pb.ModelInferResponse, specs, arrays: list[np.ndarr
             response.raw_output_contents.append(to_raw(array, dt))
         else:
             getattr(out.contents, dt.contents_field).extend(to_values(array, dt))
+
+
+def model_config(config: ModelConfig) -> pb.ModelConfig:
+    """Triton's view of a model's configuration: with batching, dims leave out the batch dimension."""
+    batching = config.batching
+    skip = 1 if batching else 0
+
+    def data_type(datatype: str) -> int:
+        return pb.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+
+    message = pb.ModelConfig(
+        name=config.name,
+        platform=config.platform,
+        backend=config.runtime,
+        max_batch_size=batching.max_batch_size if batching else 0,
+        input=[pb.ModelInput(name=s.name, data_type=data_type(s.datatype), dims=s.shape[skip:]) for s in config.inputs],
+        output=[
+            pb.ModelOutput(name=s.name, data_type=data_type(s.datatype), dims=s.shape[skip:]) for s in config.outputs
+        ],
+    )
+    if batching:
+        message.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
+        message.dynamic_batching.max_queue_delay_microseconds = int(batching.max_queue_delay_ms * 1000)
+    return message
 
 
 def caller_request_id(context: grpc.aio.ServicerContext, request_id: str = "") -> str:
@@ -117,6 +142,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in config.inputs],
             outputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in config.outputs],
         )
+
+    async def ModelConfig(self, request, context):
+        context.set_trailing_metadata(self.replica_metadata)
+        try:
+            config = self.engine.get(request.name, request.version).config
+        except InferenceHubError as exc:
+            await context.abort(exc.status, str(exc), self.replica_metadata)
+        return pb.ModelConfigResponse(config=model_config(config))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()

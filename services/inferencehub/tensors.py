@@ -47,14 +47,6 @@ DATATYPES: dict[str, Datatype] = {
 }
 
 
-def datatype(name: str, tensor: str = "") -> Datatype:
-    try:
-        return DATATYPES[name]
-    except KeyError:
-        where = f"tensor '{tensor}': " if tensor else ""
-        raise InvalidInput(f"{where}unsupported datatype '{name}', expected one of {', '.join(DATATYPES)}") from None
-
-
 def datatype_of(array: np.ndarray) -> str:
     """The OIP datatype name for a numpy array."""
     if array.dtype.kind in "OSU":

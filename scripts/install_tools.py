@@ -80,9 +80,14 @@ def perf_analyzer() -> None:
     if subprocess.run(["dpkg", "-s", "libb64-0d"], capture_output=True).returncode != 0:
         print("installing Debian's libb64-0d (perf_analyzer links it)", file=sys.stderr)
         install = ["apt-get", "install", "-y", "-qq", "libb64-0d"]
-        if subprocess.run(install, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
-            subprocess.run(install, check=True, capture_output=True)
+        try:
+            if subprocess.run(install, capture_output=True).returncode != 0:
+                subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+                subprocess.run(install, check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError):
+            raise SystemExit(
+                "perf_analyzer needs Debian's libb64-0d: run `apt-get install libb64-0d` as root"
+            ) from None
     print(f"perf_analyzer: {binary}", file=sys.stderr)
 
 

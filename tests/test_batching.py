@@ -78,6 +78,11 @@ def test_rows_never_cross_callers_under_concurrent_mixed_requests(batching_repli
     )
     assert batched == 48
     assert model_calls < 48 / 3, f"{model_calls} model calls for 48 requests: little batching happened"
+    queued = sample_value(after, "inferencehub_inference_queue_duration_seconds_count", model="batch-echo")
+    assert (
+        queued - sample_value(before, "inferencehub_inference_queue_duration_seconds_count", model="batch-echo") == 48
+    )
+    assert 'inferencehub_inference_queue_depth{model="batch-echo"} 0.0' in after  # all served, none waiting
 
 
 def test_batched_digits_match_one_at_a_time_and_the_stated_accuracy(stub):

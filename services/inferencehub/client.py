@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from inferencehub.errors import InferenceHubError, InvalidInput
+from inferencehub.metadata import REPLICA_KEY
 from inferencehub.tensors import DATATYPES, datatype_of, from_raw, to_raw
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-REPLICA_KEY = "x-inferencehub-replica"
 
 
 @dataclass

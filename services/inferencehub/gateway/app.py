@@ -25,7 +25,8 @@ from inferencehub.gateway import rest
 from inferencehub.gateway.http_errors import error_response, upstream_error_response
 from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.gateway.openapi import openapi_document
-from inferencehub.gateway.upstream import REPLICA_KEY, Upstream, UpstreamError
+from inferencehub.gateway.upstream import Upstream, UpstreamError
+from inferencehub.metadata import REPLICA_KEY
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.settings import GatewaySettings
 

@@ -17,13 +17,12 @@ import grpc
 
 from inferencehub.errors import InferenceHubError
 from inferencehub.gateway.metrics import GatewayMetrics
+from inferencehub.metadata import REPLICA_KEY, REQUEST_ID_KEY
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from inferencehub.settings import GatewaySettings
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-REPLICA_KEY = "x-inferencehub-replica"
-REQUEST_ID_KEY = "x-request-id"
 
 
 class UpstreamError(InferenceHubError):

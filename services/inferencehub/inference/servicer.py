@@ -18,6 +18,7 @@ from inferencehub import logs
 from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.inference.engine import Engine, ServedModel
 from inferencehub.inference.metrics import UNKNOWN_MODEL, InferenceMetrics
+from inferencehub.metadata import REPLICA_KEY, REQUEST_ID_KEY
 from inferencehub.model import ModelConfig
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -26,8 +27,6 @@ from inferencehub.tensors import DATATYPES, from_raw, from_values, to_raw, to_va
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-REQUEST_ID_KEY = "x-request-id"
-REPLICA_KEY = "x-inferencehub-replica"
 
 
 def decode_inputs(request: pb.ModelInferRequest, served: ServedModel) -> dict[str, np.ndarray]:
@@ -116,12 +115,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         context.set_trailing_metadata(self.replica_metadata)
         return pb.ServerReadyResponse(ready=self.engine.ready)
 
-    async def ModelReady(self, request, context):
+    async def _served(self, request, context) -> ServedModel:
+        """The model a metadata-style request names; NOT_FOUND (with the replica's name) if there is none."""
         context.set_trailing_metadata(self.replica_metadata)
         try:
-            served = self.engine.get(request.name, request.version)
+            return self.engine.get(request.name, request.version)
         except InferenceHubError as exc:
             await context.abort(exc.status, str(exc), self.replica_metadata)
+            raise  # abort raises; this line only tells readers and type checkers so
+
+    async def ModelReady(self, request, context):
+        served = await self._served(request, context)
         return pb.ModelReadyResponse(ready=self.engine.ready and served.ready)
 
     async def ServerMetadata(self, request, context):
@@ -129,11 +133,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name="inferencehub", version=inferencehub.__version__, extensions=[])
 
     async def ModelMetadata(self, request, context):
-        context.set_trailing_metadata(self.replica_metadata)
-        try:
-            config = self.engine.get(request.name, request.version).config
-        except InferenceHubError as exc:
-            await context.abort(exc.status, str(exc), self.replica_metadata)
+        config = (await self._served(request, context)).config
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=config.name,
@@ -144,11 +144,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelConfig(self, request, context):
-        context.set_trailing_metadata(self.replica_metadata)
-        try:
-            config = self.engine.get(request.name, request.version).config
-        except InferenceHubError as exc:
-            await context.abort(exc.status, str(exc), self.replica_metadata)
+        config = (await self._served(request, context)).config
         return pb.ModelConfigResponse(config=model_config(config))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):

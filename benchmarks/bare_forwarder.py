@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
+import os
 
 import grpc
 from aiohttp import web
+
+from inferencehub.processes import LISTEN_FILE_ENV, announce
 
 METHOD = "/bench.Echo/Echo"
 METADATA = {
@@ -36,7 +38,7 @@ async def echo(port: int) -> None:
     server.add_generic_rpc_handlers((handler,))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    print(f"echo listening: 127.0.0.1:{bound}", file=sys.stderr, flush=True)
+    announce(os.environ.get(LISTEN_FILE_ENV), "echo", grpc=f"127.0.0.1:{bound}")
     await server.wait_for_termination()
 
 
@@ -57,7 +59,7 @@ async def forward(port: int, upstream: str) -> None:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     host, bound = runner.addresses[0][:2]
-    print(f"forwarder listening: http://{host}:{bound}", file=sys.stderr, flush=True)
+    announce(os.environ.get(LISTEN_FILE_ENV), "forwarder", http=f"{host}:{bound}")
     await asyncio.Event().wait()
 
 

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 from common import PYTHON, Process, bench, figure, table, write
 
@@ -58,32 +59,14 @@ def run(out: Path, quick: bool) -> str:
     duration = 2.0 if quick else 15.0
     here = Path(__file__).resolve().parent
     results = {}
-    coupled = Process([PYTHON, str(here / "coupled_app.py"), "--model-ms", "500"], r"listening: (http://\S+)")
+    coupled = Process([PYTHON, str(here / "coupled_app.py"), "--model-ms", "500"], "http")
     try:
-        results["coupled (inline model)"] = measure(coupled.match.group(1), "heavy", "/v2/models/heavy", duration)
+        results["coupled (inline model)"] = measure(f"http://{coupled.address}", "heavy", "/v2/models/heavy", duration)
     finally:
         coupled.stop()
-    system = Process(
-        [
-            PYTHON,
-            "-m",
-            "inferencehub",
-            "up",
-            "--replicas",
-            "2",
-            "--port",
-            "0",
-            "--inference-port",
-            "0",
-            "--inference-metrics-port",
-            "0",
-        ],
-        r"gateway\s+(http://[\d.:]+)",
-    )
+    system, url = common.system("--replicas", "2")
     try:
-        results["InferenceHub (gateway + 2 replicas)"] = measure(
-            system.match.group(1), "mock-heavy", "/v2/models/iris", duration
-        )
+        results["InferenceHub (gateway + 2 replicas)"] = measure(url, "mock-heavy", "/v2/models/iris", duration)
     finally:
         system.stop()
 

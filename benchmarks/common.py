@@ -7,13 +7,12 @@ import asyncio
 import os
 import platform
 import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from inferencehub.processes import Child, ChildError, gateway_command, inference_command
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "services" / "inferencehub" / "model_repository"
@@ -33,106 +32,41 @@ def machine() -> str:
     )
 
 
-class Process:
-    """A server subprocess whose log is scanned for the line that says where it listens."""
+class Process(Child):
+    """A server subprocess started by the project's harness; ``address`` is what it announced."""
 
-    def __init__(self, args: list[str], pattern: str, env: dict[str, str] | None = None) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + 120
-        while True:
-            match = next((m for line in list(self.lines) if (m := regex.search(line))), None)
-            if match:
-                self.match = match
-                break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{' '.join(args[:4])} did not start:\n" + "\n".join(self.lines[-20:]))
-            time.sleep(0.05)
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-
-    def wait_for(self, text: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in list(self.lines)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"never saw {text!r}:\n" + "\n".join(self.lines[-20:]))
-            time.sleep(0.05)
-
-    def cpu_seconds(self) -> float:
-        """User plus system CPU time the process has used so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def __init__(self, args: list[str], key: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(Path(args[2] if args[1] == "-m" else args[1]).name, args, env=env)
+        try:
+            self.address = self.wait_listening(120)[key]
+        except ChildError as exc:
+            self.kill()
+            raise RuntimeError(str(exc)) from None
 
     def peak_rss_mib(self) -> float:
         try:
-            status = Path(f"/proc/{self.proc.pid}/status").read_text()
-            return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
-        except (OSError, AttributeError):
+            return self.rss_mib(peak=True)
+        except OSError:
             return float("nan")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def replica(models: Path, *args: str, host: str = "127.0.0.1") -> tuple[Process, str]:
     """An inference replica on a free port; returns it and its gRPC target, once it is ready."""
-    process = Process(
-        [
-            PYTHON,
-            "-m",
-            "inferencehub",
-            "inference",
-            "--host",
-            host,
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--models",
-            str(models),
-            "--drain-seconds",
-            "0",
-            *args,
-        ],
-        r"listening: gRPC on ([\d.]+):(\d+)",
-    )
-    process.wait_for(" ready: ")
-    return process, f"{process.match.group(1)}:{process.match.group(2)}"
+    process = Process(inference_command("--models", str(models), "--drain-seconds", "0", *args, host=host), "grpc")
+    process.wait_log(" ready: ")
+    return process, process.address
 
 
 def gateway(upstream: str, *args: str) -> tuple[Process, str]:
-    process = Process(
-        [
-            PYTHON,
-            "-m",
-            "inferencehub",
-            "gateway",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--upstream",
-            upstream,
-            "--drain-seconds",
-            "0",
-            *args,
-        ],
-        r"listening: http://([\d.]+):(\d+)",
-    )
-    return process, f"http://{process.match.group(1)}:{process.match.group(2)}"
+    process = Process(gateway_command(upstream, "--drain-seconds", "0", *args), "http")
+    return process, f"http://{process.address}"
+
+
+def system(*args: str, env: dict[str, str] | None = None) -> tuple[Process, str]:
+    """``inferencehub up`` on free ports; returns it and the gateway's URL, once everything is ready."""
+    command = [PYTHON, "-m", "inferencehub", "up", "--port", "0", "--inference-port", "0"]
+    process = Process([*command, "--inference-metrics-port", "0", *args], "http", env)
+    return process, f"http://{process.address}"
 
 
 def repository(tmp: Path, **configs: dict) -> Path:

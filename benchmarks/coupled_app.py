@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
+import os
 import time
 
 from aiohttp import web
+
+from inferencehub.processes import LISTEN_FILE_ENV, announce
 
 METADATA = {
     "name": "heavy",
@@ -58,7 +60,7 @@ def main() -> None:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", args.port).start()
         host, port = runner.addresses[0][:2]
-        print(f"coupled baseline listening: http://{host}:{port}", file=sys.stderr, flush=True)
+        announce(os.environ.get(LISTEN_FILE_ENV), "coupled", http=f"{host}:{port}")
         await asyncio.Event().wait()
 
     asyncio.run(serve())

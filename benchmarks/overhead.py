@@ -69,13 +69,10 @@ def run(out: Path, quick: bool) -> str:
             if front is not None:
                 front.stop()
             server.stop()
-    echo = Process([PYTHON, str(here / "bare_forwarder.py"), "echo"], r"echo listening: (\S+)")
-    forwarder = Process(
-        [PYTHON, str(here / "bare_forwarder.py"), "forward", "--upstream", echo.match.group(1)],
-        r"forwarder listening: (\S+)",
-    )
+    echo = Process([PYTHON, str(here / "bare_forwarder.py"), "echo"], "grpc")
+    forwarder = Process([PYTHON, str(here / "bare_forwarder.py"), "forward", "--upstream", echo.address], "http")
     try:
-        front_url = forwarder.match.group(1)
+        front_url = f"http://{forwarder.address}"
         bench("echo", url=front_url, concurrency=4, duration=0.5, size=4)
         results["bare forwarding ceiling"] = {
             c: bench("echo", url=front_url, concurrency=c, duration=duration, size=4) for c in concurrencies[:-1]

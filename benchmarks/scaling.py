@@ -11,7 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from common import PYTHON, Process, bench, figure, repository, table, write
+import common
+from common import bench, figure, repository, table, write
 
 NAME = "scaling"
 TITLE = "Scaling out: 1, 2 and 4 replicas of a CPU-bound model"
@@ -30,28 +31,10 @@ def run(out: Path, quick: bool) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         models = repository(Path(tmp), **{"busy-50ms": dict(MODEL)})
         for replicas in counts:
-            system = Process(
-                [
-                    PYTHON,
-                    "-m",
-                    "inferencehub",
-                    "up",
-                    "--replicas",
-                    str(replicas),
-                    "--port",
-                    "0",
-                    "--inference-port",
-                    "0",
-                    "--inference-metrics-port",
-                    "0",
-                    "--models",
-                    str(models),
-                ],
-                r"gateway\s+(http://[\d.:]+)",
-                env={"INFERENCEHUB_PROCESSES": "1"},
+            system, url = common.system(
+                "--replicas", str(replicas), "--models", str(models), env={"INFERENCEHUB_PROCESSES": "1"}
             )
             try:
-                url = system.match.group(1)
                 bench("busy-50ms", url=url, concurrency=8, duration=0.5)
                 results[replicas] = bench("busy-50ms", url=url, concurrency=8, duration=duration)
             finally:

@@ -9,12 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +17,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from inferencehub.processes import Child, ChildError, gateway_command, inference_command
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "services" / "inferencehub" / "model_repository"
 TEST_MODELS = ROOT / "tests" / "models"
 EXAMPLE_MODELS = ROOT / "examples" / "models"
-LISTENING = re.compile(r"listening: gRPC on [\d.]+:(\d+), metrics on [\d.]+:(\d+)")
-GATEWAY_LISTENING = re.compile(r"listening: http://[\d.]+:(\d+)")
 
 
 def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
@@ -59,84 +53,32 @@ def health_status(target: str, service: str = "", timeout: float = 2.0) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-class Server:
-    """A server subprocess, its log kept for assertions."""
-
-    pattern: re.Pattern[str]
+class Server(Child):
+    """A server subprocess started by the project's harness, its log kept for assertions."""
 
     def __init__(self, command: list[str], env: dict[str, str] | None = None) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            command,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.match = wait_for(self._listening, what=f"{command[2]} to listen")
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def _listening(self):
-        if self.proc.poll() is not None and not self._reader.is_alive():
-            raise AssertionError("server exited at start:\n" + self.log)
-        return next((m for line in list(self.lines) if (m := self.pattern.search(line))), None)
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
+        super().__init__(command[2], command, env=env)
+        try:
+            self.addresses = self.wait_listening(60)
+        except ChildError as exc:
+            self.kill()
+            raise AssertionError(str(exc)) from None
 
     def check_running(self) -> None:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log}")
+        if not self.running:
+            raise AssertionError(f"server exited with {self.returncode}:\n{self.log}")
 
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._reader.join(5)
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        try:
-            self.terminate()
-        finally:
-            self.kill()
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
 
 
 class Replica(Server):
     """An inference replica."""
 
-    pattern = LISTENING
-
     def __init__(self, *args: str, env: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
-        super().__init__(
-            [
-                sys.executable,
-                "-m",
-                "inferencehub.inference",
-                "--host",
-                host,
-                "--port",
-                str(port),
-                "--metrics-port",
-                "0",
-                *args,
-            ],
-            env,
-        )
-        self.port, self.metrics_port = int(self.match.group(1)), int(self.match.group(2))
+        super().__init__(inference_command(*args, host=host, port=port), env)
+        self.port, self.metrics_port = _port(self.addresses["grpc"]), _port(self.addresses["metrics"])
         self.target = f"{host}:{self.port}"
 
     def wait_serving(self, timeout: float = 60.0) -> Replica:
@@ -154,25 +96,9 @@ class Replica(Server):
 class Gateway(Server):
     """An HTTP gateway."""
 
-    pattern = GATEWAY_LISTENING
-
     def __init__(self, upstream: str, *args: str, env: dict[str, str] | None = None) -> None:
-        super().__init__(
-            [
-                sys.executable,
-                "-m",
-                "inferencehub.gateway",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--upstream",
-                upstream,
-                *args,
-            ],
-            env,
-        )
-        self.port = int(self.match.group(1))
+        super().__init__(gateway_command(upstream, *args), env)
+        self.port = _port(self.addresses["http"])
         self.url = f"127.0.0.1:{self.port}"
         wait_for(lambda: self.request("GET", "/readyz").status == 200, what="the gateway to be ready")
 

@@ -248,8 +248,7 @@ class Records(BaseResolver):
 class Manifested(Server):
     """A process started with the command, args and env of a rendered container."""
 
-    def __init__(self, container: dict, env_overrides: dict[str, str], pattern: str) -> None:
-        self.pattern = re.compile(pattern)
+    def __init__(self, container: dict, env_overrides: dict[str, str]) -> None:
         env = {}
         for item in container["env"]:
             if "value" in item:
@@ -269,11 +268,11 @@ def test_wiring_rendered_deployments_start_pass_their_probes_and_serve(rendered)
     inference_host, gateway_host = "127.0.0.31", "127.0.0.32"  # a pod's IP each, on loopback
 
     # Inference, as the manifest runs it (ports from the manifest; the host bound to its loopback "pod IP").
-    replica = Manifested(inference, {"INFERENCEHUB_HOST": inference_host}, r"listening: gRPC on [\d.]+:(\d+)")
+    replica = Manifested(inference, {"INFERENCEHUB_HOST": inference_host})
     servers = [replica]
     records = None
     try:
-        port = int(replica.match.group(1))
+        port = int(replica.addresses["grpc"].rsplit(":", 1)[1])
         assert port == next(p["containerPort"] for p in inference["ports"] if p["name"] == "grpc")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             spec = inference[probe]["grpc"]
@@ -297,7 +296,6 @@ def test_wiring_rendered_deployments_start_pass_their_probes_and_serve(rendered)
                 "INFERENCEHUB_HOST": gateway_host,
                 "INFERENCEHUB_UPSTREAM": f"dns://127.0.0.1:{dns_port}/{name}:{target_port}",
             },
-            r"listening: http://[\d.]+:(\d+)",
         )
         servers.append(front)
         for probe in ("livenessProbe", "readinessProbe"):

@@ -9,14 +9,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import SHIPPED, Gateway, Replica, model_repository, wait_for
+from inferencehub.processes import Child, ChildError
+
+from conftest import SHIPPED, Gateway, Replica, model_repository
 
 CLI = [sys.executable, "-m", "inferencehub"]
 
@@ -42,27 +43,18 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-class Up:
+class Up(Child):
+    """``inferencehub up`` as a user runs it; its banner and its children's prefixed logs in one log."""
+
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([*CLI, "up", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.out: list[str] = []
-        self.err: list[str] = []
-        for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
-            threading.Thread(target=lambda s=stream, k=sink: [k.append(line) for line in s], daemon=True).start()
+        super().__init__("up", [*CLI, "up", *args])
 
     def wait_up(self) -> str:
-        def gateway_url():
-            if self.proc.poll() is not None:
-                raise AssertionError("up exited:\n" + "".join(self.err))
-            match = re.search(r"gateway\s+http://([\d.:]+)", "".join(self.out))
-            return match and match.group(1)
-
-        return wait_for(gateway_url, timeout=90, what="up to print its banner")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        """The gateway's address, once up says everything is ready."""
+        try:
+            return self.wait_listening(90)["http"]
+        except ChildError as exc:
+            raise AssertionError(str(exc)) from None
 
 
 def test_up_runs_the_system_and_stops_cleanly():
@@ -71,7 +63,7 @@ def test_up_runs_the_system_and_stops_cleanly():
         address = up.wait_up()
         children = children_of(up.proc.pid)
         assert len(children) == 4  # a gateway and three replicas
-        banner = "".join(up.out)
+        banner = up.log
         for expected in ("inference-1", "inference-3", "127.0.0.2", "127.0.0.4", "curl", "grpcurl", "/metrics"):
             assert expected in banner
 
@@ -82,7 +74,7 @@ def test_up_runs_the_system_and_stops_cleanly():
             gateway.request("POST", "/v2/models/iris/infer", body).headers["x-inferencehub-replica"] for _ in range(30)
         }
         assert served == {"inference-1", "inference-2", "inference-3"}
-        assert any(line.startswith("inference-2 ") and "ready" in line for line in up.err)  # prefixed logs
+        assert any(line.startswith("inference-2 ") and "ready" in line for line in up.lines)  # prefixed logs
 
         up.proc.send_signal(signal.SIGTERM)
         assert up.proc.wait(60) == 0
@@ -284,7 +276,7 @@ def test_readme_commands_work_as_written(tmp_path):
     )
     try:
         gateway = up.wait_up()
-        banner = "".join(up.out)
+        banner = up.log
         first = re.search(r"inference-1\s+([\d.:]+)\s+\(gRPC; metrics http://([\d.:]+)/metrics\)", banner)
         substitutions = {
             "127.0.0.1:8080": gateway,

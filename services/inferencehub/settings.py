@@ -65,6 +65,7 @@ class InferenceSettings:
     max_connection_age_seconds: float = setting(30.0, "connections are closed after this age so clients re-resolve")
     max_connection_age_grace_seconds: float = setting(10.0, "time calls on an aged connection get to finish")
     log_level: str = setting("info", "debug, info, warning or error")
+    listen_file: Path | None = setting(None, "once listening, write the addresses there as JSON (for supervisors)")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class GatewaySettings:
     drain_seconds: float = setting(1.0, "on SIGTERM, time /readyz fails before the listener closes")
     grace_seconds: float = setting(10.0, "time in-flight requests get to finish after the drain")
     log_level: str = setting("info", "debug, info, warning or error")
+    listen_file: Path | None = setting(None, "once listening, write the address there as JSON (for supervisors)")
 
 
 @dataclass(frozen=True)
@@ -96,3 +98,4 @@ class UpSettings:
     inference_metrics_port: int = setting(8082, "each replica's metrics port (0: any free port)")
     models: Path | None = setting(None, "model repository folder (default: the shipped models)")
     log_level: str = setting("info", "debug, info, warning or error")
+    listen_file: Path | None = setting(None, "once everything is ready, write the addresses there as JSON")

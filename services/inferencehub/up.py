@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import shutil
 import signal
 import socket
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -24,76 +22,41 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inferencehub.errors import InferenceHubError
 from inferencehub.inference.repository import SHIPPED_MODELS, load_repository
+from inferencehub.processes import Child, ChildError, announce, gateway_command, inference_command
 from inferencehub.settings import UpSettings
 
-REPLICA_LISTENING = re.compile(r"listening: gRPC on ([\d.]+):(\d+), metrics on [\d.]+:(\d+)")
-GATEWAY_LISTENING = re.compile(r"listening: http://([\d.]+):(\d+)")
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
+NAME_WIDTH = 12
 
 
 class UpError(InferenceHubError):
     """The local system could not start."""
 
 
-@dataclass
-class Child:
-    name: str
-    command: list[str]
-    pattern: re.Pattern[str]
-    proc: asyncio.subprocess.Process | None = None
-    listening: asyncio.Future | None = None
-    tail: list[str] = field(default_factory=list)
-    pump: asyncio.Task | None = None
+def start_child(name: str, command: list[str]) -> Child:
+    """A child whose log lines are printed, prefixed with its name; Ctrl-C reaches ``up`` alone."""
 
-    async def start(self) -> None:
-        self.listening = asyncio.get_running_loop().create_future()
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches `up` alone, which stops the children in order
-        )
-        self.pump = asyncio.create_task(self._pump())
+    def echo(line: str) -> None:
+        print(f"{name:<{NAME_WIDTH}}| {line}", file=sys.stderr, flush=True)
 
-    async def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None and self.listening is not None
-        width = 12
-        async for raw in self.proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            self.tail = [*self.tail[-19:], line]
-            print(f"{self.name:<{width}}| {line}", file=sys.stderr, flush=True)
-            match = self.pattern.search(line)
-            if match and not self.listening.done():
-                self.listening.set_result(match)
-        if not self.listening.done():
-            self.listening.set_exception(UpError(f"{self.name} exited at start (code {await self.proc.wait()})"))
+    return Child(name, command, echo=echo, keep=20, new_session=True)
 
-    async def wait_listening(self) -> re.Match[str]:
-        assert self.listening is not None
-        try:
-            return await asyncio.wait_for(asyncio.shield(self.listening), START_TIMEOUT)
-        except TimeoutError:
-            raise UpError(f"{self.name} did not start listening within {START_TIMEOUT:.0f}s") from None
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+async def wait_listening(child: Child) -> dict[str, str]:
+    try:
+        return await asyncio.to_thread(child.wait_listening, START_TIMEOUT)
+    except ChildError as exc:
+        raise UpError(str(exc).split(":\n", 1)[0]) from None
 
-    async def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.running:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT)
-            except TimeoutError:
-                print(f"{self.name} did not stop within {STOP_TIMEOUT:.0f}s; killing it", file=sys.stderr)
-                self.proc.kill()
-                await self.proc.wait()
-        if self.pump is not None:
-            await self.pump
+
+async def stop_child(child: Child) -> None:
+    if child.running:
+        code = await asyncio.to_thread(child.stop, STOP_TIMEOUT)
+        if code == -signal.SIGKILL:
+            print(f"{child.name} did not stop within {STOP_TIMEOUT:.0f}s; killed it", file=sys.stderr)
+    else:
+        await asyncio.to_thread(child.kill)  # already gone: collect it and its log
 
 
 def replica_hosts(count: int) -> list[str]:
@@ -108,20 +71,20 @@ def replica_hosts(count: int) -> list[str]:
     return hosts
 
 
-async def wait_serving(name: str, target: str, child: Child) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def wait_serving(child: Child) -> None:
+    async with grpc.aio.insecure_channel(child.addresses["grpc"]) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT
         while loop.time() < deadline:
             if not child.running:
-                raise UpError(f"{name} exited while loading its models (code {child.proc.returncode})")
+                raise UpError(f"{child.name} exited while loading its models (code {child.returncode})")
             with contextlib.suppress(grpc.aio.AioRpcError):
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             await asyncio.sleep(0.1)
-    raise UpError(f"{name} was not SERVING within {START_TIMEOUT:.0f}s")
+    raise UpError(f"{child.name} was not SERVING within {START_TIMEOUT:.0f}s")
 
 
 def tool_prefix() -> str:
@@ -166,86 +129,52 @@ async def run(settings: UpSettings) -> int:
         raise UpError("--replicas must be at least 1")
     models_dir = settings.models or SHIPPED_MODELS
     models = [c.name for c in load_repository(models_dir)]  # a bad repository fails here, before any child starts
-    python = sys.executable
     hosts = replica_hosts(settings.replicas)
     shared_host = len(set(hosts)) == 1 and settings.replicas > 1
-    replicas: list[Child] = []
+    commands: list[tuple[str, list[str]]] = []
     for i, host in enumerate(hosts):
         step = 10 * i if shared_host and settings.inference_port else 0
         port = settings.inference_port + step if settings.inference_port else 0
         metrics = settings.inference_metrics_port + step if settings.inference_metrics_port else 0
-        command = [
-            python,
-            "-m",
-            "inferencehub.inference",
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics),
-            "--replica-name",
-            f"inference-{i + 1}",
-            "--models",
-            str(models_dir),
-            "--log-level",
-            settings.log_level,
-        ]
-        replicas.append(Child(f"inference-{i + 1}", command, REPLICA_LISTENING))
-    children = list(replicas)
+        name = f"inference-{i + 1}"
+        args = ["--replica-name", name, "--models", str(models_dir), "--log-level", settings.log_level]
+        commands.append((name, inference_command(*args, host=host, port=port, metrics_port=metrics)))
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    replicas: list[Child] = []
     gateway: Child | None = None
     try:
+        replicas += [start_child(name, command) for name, command in commands]
         for child in replicas:
-            await child.start()
-        targets: list[tuple[str, str, str]] = []
-        for child in replicas:
-            match = await _unless_stopping(child.wait_listening(), stopping)
-            targets.append((child.name, f"{match.group(1)}:{match.group(2)}", f"{match.group(1)}:{match.group(3)}"))
-        await _unless_stopping(
-            asyncio.gather(*(wait_serving(n, t, c) for (n, t, _), c in zip(targets, replicas, strict=True))), stopping
-        )
-        upstream = "ipv4:" + ",".join(t for _, t, _ in targets)
-        gateway = Child(
+            await _unless_stopping(wait_listening(child), stopping)
+        await _unless_stopping(asyncio.gather(*(wait_serving(child) for child in replicas)), stopping)
+        upstream = "ipv4:" + ",".join(child.addresses["grpc"] for child in replicas)
+        gateway = start_child(
             "gateway",
-            [
-                python,
-                "-m",
-                "inferencehub.gateway",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(settings.port),
-                "--upstream",
-                upstream,
-                "--log-level",
-                settings.log_level,
-            ],
-            GATEWAY_LISTENING,
+            gateway_command(upstream, "--log-level", settings.log_level, host="127.0.0.1", port=settings.port),
         )
-        children.insert(0, gateway)
-        await gateway.start()
-        match = await _unless_stopping(gateway.wait_listening(), stopping)
-        print(banner(f"{match.group(1)}:{match.group(2)}", targets, models), flush=True)
-        died = [asyncio.create_task(c.proc.wait()) for c in children if c.proc is not None]
+        address = (await _unless_stopping(wait_listening(gateway), stopping))["http"]
+        targets = [(c.name, c.addresses["grpc"], c.addresses["metrics"]) for c in replicas]
+        print(banner(address, targets, models), flush=True)
+        announce(settings.listen_file, "up", http=address, **{c.name: c.addresses["grpc"] for c in replicas})
+        children = [gateway, *replicas]
+        died = [asyncio.create_task(asyncio.to_thread(c.proc.wait)) for c in children]
         watch = asyncio.create_task(stopping.wait())
         await asyncio.wait([watch, *died], return_when=asyncio.FIRST_COMPLETED)
-        for task in [watch, *died]:
-            task.cancel()
+        watch.cancel()
         if not stopping.is_set():
             dead = next(c for c in children if not c.running)
-            raise UpError(f"{dead.name} exited unexpectedly (code {dead.proc.returncode}); stopping the rest")
+            raise UpError(f"{dead.name} exited unexpectedly (code {dead.returncode}); stopping the rest")
         print("stopping: the gateway first, then the replicas", file=sys.stderr, flush=True)
         return 0
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         if gateway is not None:
-            await gateway.stop()
-        await asyncio.gather(*(child.stop() for child in replicas))
+            await stop_child(gateway)
+        await asyncio.gather(*(stop_child(child) for child in replicas))
         print("all stopped", file=sys.stderr, flush=True)
 
 

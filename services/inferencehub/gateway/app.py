@@ -27,6 +27,7 @@ from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.gateway.openapi import openapi_document
 from inferencehub.gateway.upstream import Upstream, UpstreamError
 from inferencehub.metadata import REPLICA_KEY
+from inferencehub.processes import announce
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.settings import GatewaySettings
 
@@ -264,6 +265,7 @@ async def serve(settings: GatewaySettings) -> None:
             port,
             settings.upstream,
         )
+        announce(settings.listen_file, "gateway", http=f"{settings.host}:{port}")
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

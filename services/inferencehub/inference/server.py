@@ -28,6 +28,7 @@ from inferencehub.inference.metrics import InferenceMetrics
 from inferencehub.inference.repository import SHIPPED_MODELS, load_repository
 from inferencehub.inference.servicer import SERVICE_NAME, InferenceServicer
 from inferencehub.inference.workers import Workers, cpu_count
+from inferencehub.processes import announce
 from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from inferencehub.settings import InferenceSettings
 
@@ -143,6 +144,8 @@ async def start(settings: InferenceSettings) -> InferenceServer:
         metrics_port,
         len(configs),
     )
+    host = settings.host
+    announce(settings.listen_file, "inference", grpc=f"{host}:{port}", metrics=f"{host}:{metrics_port}")
     return instance
 
 

@@ -1,0 +1,208 @@
+"""InferenceHub's processes as children: start one, learn where it listens, read its log, stop it.
+
+One harness for ``inferencehub up``, the tests and the benchmarks. A server learns where to announce
+itself from ``--listen-file PATH`` (env ``INFERENCEHUB_LISTEN_FILE``): once it listens it writes there,
+atomically, one JSON object naming its component, its pid and its addresses::
+
+    {"component": "inference", "pid": 4242, "grpc": "127.0.0.2:8081", "metrics": "127.0.0.2:8082"}
+    {"component": "gateway", "pid": 4243, "http": "127.0.0.1:8080"}
+
+so nothing has to parse log text to find a port chosen by the system (``--port 0``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+LISTEN_FILE_ENV = "INFERENCEHUB_LISTEN_FILE"
+
+
+def announce(path: Path | str | None, component: str, **addresses: str) -> None:
+    """Write where this process listens to ``path`` (no-op without one); readers never see half a file."""
+    if not path:
+        return
+    path = Path(path)
+    document = json.dumps({"component": component, "pid": os.getpid(), **addresses})
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(document + "\n")
+    os.replace(partial, path)
+
+
+class ChildError(RuntimeError):
+    """A child did not start (it exited, or did not announce itself in time)."""
+
+
+class Child:
+    """A server subprocess: its merged stdout/stderr kept (all of it, or the last ``keep`` lines) and
+    optionally passed to ``echo`` line by line; where it listens read from its listen file."""
+
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        echo: Callable[[str], None] | None = None,
+        keep: int | None = None,
+        new_session: bool = False,
+    ) -> None:
+        self.name = name
+        self.command = command
+        self.lines: deque[str] = deque(maxlen=keep)
+        self._echo = echo
+        self._folder = tempfile.mkdtemp(prefix="inferencehub-")
+        self.listen_file = Path(self._folder) / "listening.json"
+        self.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env={**os.environ, **(env or {}), LISTEN_FILE_ENV: str(self.listen_file)},
+            start_new_session=new_session,
+        )
+        self._reader = threading.Thread(target=self._read, name=f"log {name}", daemon=True)
+        self._reader.start()
+        self.addresses: dict[str, str] = {}
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            if self._echo is not None:
+                self._echo(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def log(self) -> str:
+        return "\n".join(list(self.lines))
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def wait_listening(self, timeout: float = 120.0) -> dict[str, str]:
+        """Wait for the child's announcement; return its addresses (``grpc``, ``metrics``, ``http``...)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                announced = json.loads(self.listen_file.read_text())
+                if announced.get("pid") == self.proc.pid:
+                    self.addresses = {k: v for k, v in announced.items() if isinstance(v, str)}
+                    return self.addresses
+            if not self.running:
+                self._reader.join(2)
+                raise ChildError(f"{self.name} exited at start (code {self.proc.returncode}):\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise ChildError(f"{self.name} did not start listening within {timeout:.0f}s:\n{self.tail()}")
+            time.sleep(0.02)
+
+    def wait_log(self, pattern: str, timeout: float = 120.0) -> re.Match[str]:
+        """Wait for a log line matching ``pattern`` (for events that are only logged, such as "ready")."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = next((m for line in list(self.lines) if (m := regex.search(line))), None)
+            if match:
+                return match
+            if not self.running or time.monotonic() > deadline:
+                raise ChildError(f"{self.name} never logged {pattern!r}:\n{self.tail()}")
+            time.sleep(0.02)
+
+    def tail(self, count: int = 20) -> str:
+        return "\n".join(list(self.lines)[-count:])
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait for the exit code (``subprocess.TimeoutExpired`` if it does not come)."""
+        if self.running:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if not self.running:
+                self._cleanup()
+
+    def kill(self) -> None:
+        if self.running:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._cleanup()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM; SIGKILL if it has not exited within ``timeout``. Returns the exit code."""
+        try:
+            return self.terminate(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.returncode
+
+    def _cleanup(self) -> None:
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the child has used so far (Linux)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mib(self, peak: bool = False) -> float:
+        """Resident memory now (or its peak so far), in MiB (Linux)."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        found = re.search(rf"{'VmHWM' if peak else 'VmRSS'}:\s+(\d+) kB", status)
+        return int(found.group(1)) / 1024 if found else float("nan")
+
+
+def inference_command(*args: str, host: str = "127.0.0.1", port: int = 0, metrics_port: int = 0) -> list[str]:
+    """The command that runs one inference replica with this Python."""
+    return [
+        sys.executable,
+        "-m",
+        "inferencehub.inference",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        *args,
+    ]
+
+
+def gateway_command(upstream: str, *args: str, host: str = "127.0.0.1", port: int = 0) -> list[str]:
+    """The command that runs a gateway in front of ``upstream`` with this Python."""
+    return [
+        sys.executable,
+        "-m",
+        "inferencehub.gateway",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--upstream",
+        upstream,
+        *args,
+    ]

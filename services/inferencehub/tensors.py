@@ -74,8 +74,15 @@ def serialize_bytes(array: np.ndarray) -> bytes:
 
 
 def deserialize_bytes(raw: bytes, count: int, tensor: str) -> np.ndarray:
-    out = np.empty(count, dtype=object)
     view = memoryview(raw)
+    # Every element takes at least its 4-byte length: check the declared count against the bytes that
+    # came before allocating anything from it (a short request must not reserve gigabytes).
+    if count > len(view) // 4:
+        raise InvalidInput(
+            f"tensor '{tensor}': raw BYTES content of {len(view)} bytes cannot hold {count} elements "
+            f"(each takes at least 4 bytes)"
+        )
+    out = np.empty(count, dtype=object)
     offset = 0
     for i in range(count):
         if offset + 4 > len(view):

@@ -22,6 +22,7 @@ import inferencehub
 from inferencehub import logs
 from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.gateway import rest
+from inferencehub.gateway.connections import BodyTimeout, GatewayRunner, Limits
 from inferencehub.gateway.http_errors import error_response, upstream_error_response
 from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.gateway.openapi import openapi_document
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "X-Request-Id"
 DEADLINE_HEADER = "X-InferenceHub-Deadline-Ms"
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:/=+-]{1,128}$")
+DEADLINE_PATTERN = re.compile(r"^[0-9]{1,9}$")  # ASCII digits only: str.isdigit() also takes '³' and '٣'
+UNPARSED = "(unparsed)"  # the route label of answers given before a request could be routed
+CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer
 BINARY_EXTENSION = "binary_tensor_data"
 
 
@@ -67,10 +71,11 @@ async def observe(request: web.Request, handler) -> web.StreamResponse:
     start = time.perf_counter()
     route = request.match_info.route.resource
     template = route.canonical if route is not None else "unmatched"
-    status = 499  # the client went away before an answer
+    status = CLIENT_CLOSED  # until an answer is made
     try:
         response = await handler(request)
-        status = response.status
+        transport = request.transport
+        status = CLIENT_CLOSED if transport is None or transport.is_closing() else response.status
         response.headers[REQUEST_ID_HEADER] = request_id
         return response
     except web.HTTPException as exc:
@@ -92,6 +97,12 @@ async def errors(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except InvalidInput as exc:
         return error_response(400, str(exc))
+    except BodyTimeout as exc:
+        response = error_response(408, str(exc))
+        response.force_close()
+        return response
+    except ConnectionError:  # the client hung up (mid-body, or before the answer): not our failure
+        return error_response(CLIENT_CLOSED, "the client closed the connection")
     except UpstreamError as exc:
         if exc.code.name not in ("INVALID_ARGUMENT", "NOT_FOUND"):
             log.warning("upstream %s: %s", exc.code.name, exc.details)
@@ -120,8 +131,8 @@ def deadline(request: web.Request) -> float:
     asked = request.headers.get(DEADLINE_HEADER)
     if asked is None:
         return default
-    if not asked.isdigit() or int(asked) == 0:
-        raise InvalidInput(f"{DEADLINE_HEADER} must be a positive number of milliseconds, got {asked!r}")
+    if not DEADLINE_PATTERN.match(asked) or int(asked) == 0:
+        raise InvalidInput(f"{DEADLINE_HEADER} must be a positive whole number of milliseconds (ASCII digits)")
     return min(default, int(asked) / 1000)
 
 
@@ -249,7 +260,16 @@ def create_app(settings: GatewaySettings) -> web.Application:
 async def serve(settings: GatewaySettings) -> None:
     """Run until SIGTERM or SIGINT; then fail /readyz, drain, let in-flight requests finish, and stop."""
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=settings.grace_seconds)
+    limits = Limits(settings.header_timeout_seconds, settings.body_timeout_seconds, settings.max_connections)
+    metrics = app[METRICS]
+
+    def record(status: int) -> None:  # answers given before a request reaches the app
+        metrics.requests.labels(UNPARSED, "", str(status)).inc()
+
+    runner = GatewayRunner(
+        app, limits, record, access_log=None, handle_signals=False, shutdown_timeout=settings.grace_seconds
+    )
+    metrics.connections.set_function(runner.open_connections)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -15,7 +15,7 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "inferencehub_gateway_requests",
-            "HTTP requests by route template, method and status.",
+            'HTTP requests by route template, method and status (route "(unparsed)": refused before routing).',
             ["route", "method", "status"],
             registry=self.registry,
         )
@@ -24,6 +24,11 @@ class GatewayMetrics:
             "HTTP request duration by route template and method.",
             ["route", "method"],
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.connections = Gauge(
+            "inferencehub_gateway_open_connections",
+            "Client connections open now (bounded by --max-connections).",
             registry=self.registry,
         )
         self.upstream_calls = Counter(

@@ -248,6 +248,17 @@ def _output_array(response: pb.ModelInferResponse, i: int, dt: Datatype, shape: 
     return np.asarray(list(getattr(contents, dt.contents_field or "bytes_contents")), dtype=dt.dtype)
 
 
+def _json_strings(array: np.ndarray, name: str) -> list[str]:
+    """BYTES elements as JSON strings, exactly: bytes that are not UTF-8 are refused, never altered."""
+    try:
+        return [v.decode("utf-8") for v in array]
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"output '{name}' holds bytes that are not valid UTF-8, which a JSON string cannot carry exactly; "
+            f"ask for it as binary data (output parameter 'binary_data': true, or 'binary_data_output': true)"
+        ) from None
+
+
 def render_infer_response(response: pb.ModelInferResponse, plan: OutputPlan) -> tuple[bytes, dict[str, str]]:
     """The HTTP body and headers for an inference response."""
     doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
@@ -270,7 +281,7 @@ def render_infer_response(response: pb.ModelInferResponse, plan: OutputPlan) -> 
         else:
             array = _output_array(response, i, dt, shape, tensor.name)
             if dt.name == "BYTES":
-                out["data"] = [v.decode("utf-8", errors="replace") for v in array]
+                out["data"] = _json_strings(array, tensor.name)
             else:
                 out["data"] = array
         outputs.append(out)

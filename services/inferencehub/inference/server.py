@@ -19,14 +19,14 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from inferencehub.errors import InferenceHubError
 from inferencehub.inference.engine import Engine, State
 from inferencehub.inference.metrics import InferenceMetrics
 from inferencehub.inference.repository import SHIPPED_MODELS, load_repository
 from inferencehub.inference.servicer import SERVICE_NAME, InferenceServicer
+from inferencehub.inference.streams import HealthServicer, ReflectionServicer
 from inferencehub.inference.workers import Workers, cpu_count
 from inferencehub.processes import announce
 from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -65,7 +65,8 @@ class InferenceServer:
     engine: Engine
     metrics: InferenceMetrics
     server: grpc.aio.Server
-    health: health_aio.HealthServicer
+    health: HealthServicer
+    streams_stopping: asyncio.Event
     port: int
     metrics_port: int
     replica: str
@@ -94,6 +95,7 @@ class InferenceServer:
             log.info("draining for %.1fs", self.settings.drain_seconds)
             await asyncio.sleep(self.settings.drain_seconds)
         log.info("refusing new calls; in-flight calls have %.1fs to finish", self.settings.grace_seconds)
+        self.streams_stopping.set()  # open health Watch and reflection streams end now, with OK
         await self.server.stop(self.settings.grace_seconds)
         await self.engine.close()
         self.engine.workers.close()
@@ -125,13 +127,13 @@ async def start(settings: InferenceSettings) -> InferenceServer:
         raise StartupError(f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {exc}") from None
     replica = settings.replica_name or f"{socket.gethostname()}:{port}"
 
-    health = health_aio.HealthServicer()
+    streams_stopping = asyncio.Event()
+    health = HealthServicer(streams_stopping)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, metrics, replica), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
-    instance = InferenceServer(settings, engine, metrics, server, health, port, metrics_port, replica)
+    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(ReflectionServicer(names, streams_stopping), server)
+    instance = InferenceServer(settings, engine, metrics, server, health, streams_stopping, port, metrics_port, replica)
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await instance.set_health(False)
     await server.start()

@@ -2,29 +2,55 @@
 
 Parameters::
 
-    "class": "module:ClassName"   imported with the model's folder first on the import path;
+    "class": "module:ClassName"   the module is a file (``module.py``) or a package in the model's folder;
                                   any other parameters are the model's own (``self.config.parameters``)
+
+Each model's folder is a package of its own (``inferencehub_models.<model name>``), so two models whose
+modules share a name each get their own code; a model's module imports its neighbours relatively
+(``from . import helpers``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import re
 import sys
+import types
 
 from inferencehub.inference.runtimes import params
 from inferencehub.model import Model, ModelConfig
 
+NAMESPACE = "inferencehub_models"
+
+
+def package_name(config: ModelConfig) -> str:
+    """The import name of the model's folder: unique per model, a valid identifier."""
+    return f"{NAMESPACE}.{re.sub(r'[^0-9A-Za-z_]', '_', config.name)}_{config.version}"
+
+
+def _model_package(config: ModelConfig) -> str:
+    if NAMESPACE not in sys.modules:
+        root = types.ModuleType(NAMESPACE)
+        root.__path__ = []
+        sys.modules[NAMESPACE] = root
+    name = package_name(config)
+    package = sys.modules.get(name)
+    if package is None or list(getattr(package, "__path__", [])) != [str(config.directory)]:
+        spec = importlib.util.spec_from_loader(name, loader=None, is_package=True)
+        package = importlib.util.module_from_spec(spec)
+        package.__path__ = [str(config.directory)]
+        sys.modules[name] = package
+    return name
+
 
 def resolve(config: ModelConfig) -> type[Model]:
     target = config.parameters.get("class")
-    if not isinstance(target, str) or target.count(":") != 1:
+    if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", target):
         raise params.error(config, "class", f"expected 'module:ClassName', got {target!r}")
     module_name, class_name = target.split(":")
-    folder = str(config.directory)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(f"{_model_package(config)}.{module_name}")
     except Exception as exc:  # the user's module may raise anything while importing
         raise params.error(config, "class", f"cannot import module '{module_name}': {exc!r}") from None
     cls = getattr(module, class_name, None)

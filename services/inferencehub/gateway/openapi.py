@@ -1,169 +1,135 @@
-"""The OpenAPI document for the gateway's routes, served at /openapi.json."""
+"""The OpenAPI document for the gateway's routes, served at /openapi.json.
+
+Every request and response body schema comes from the types in ``schema.py`` (the same ones the gateway
+validates requests with); this module only lays out the routes, their parameters and their statuses.
+"""
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
+import msgspec
+
 import inferencehub
-from inferencehub.tensors import DATATYPES
+from inferencehub.gateway import schema
 
-ERROR = {"$ref": "#/components/schemas/Error"}
+REF = "#/components/schemas/{name}"
+DEADLINE_HEADER = "X-InferenceHub-Deadline-Ms"
+REQUEST_ID_HEADER = "X-Request-Id"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+WHEN = {
+    400: "malformed request (the message names the tensor or field), or a bad header",
+    404: "unknown model or version",
+    408: "the request body did not arrive in time",
+    413: "body over the gateway's limit, or a message over the gRPC limit",
+    415: "a compressed body (Content-Encoding)",
+    429: "the model's queue is full: retry after Retry-After seconds",
+    500: "the model failed (its message), or an internal error",
+    501: "the replica does not implement this",
+    503: "no replica available (Retry-After), or not ready",
+    504: "the deadline passed",
+}
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def _ref(kind: type) -> dict[str, str]:
+    return {"$ref": REF.format(name=kind.__name__)}
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    words = {
-        400: "malformed request",
-        404: "unknown model or version",
-        413: "body too large",
-        429: "overloaded: retry after Retry-After seconds",
-        503: "no replica available",
-        504: "deadline exceeded",
-    }
-    return {str(s): _json(ERROR, words[s]) for s in statuses}
+def _json(kind: type, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(kind)}}}
+
+
+def _answers(ok: type | None, *statuses: int, ok_description: str = "ok") -> dict[str, Any]:
+    answers: dict[str, Any] = {}
+    if ok is not None:
+        answers["200"] = _json(ok, ok_description)
+    for status in statuses:
+        answers[str(status)] = _json(schema.Error, WHEN[status])
+    return answers
+
+
+def _header(name: str, description: str, **constraints: Any) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": False, "description": description, "schema": constraints}
+
+
+UPSTREAM_HEADERS = [
+    _header(REQUEST_ID_HEADER, "the request id to log on both hops (else a new one)", type="string"),
+    _header(DEADLINE_HEADER, "a deadline shorter than the gateway's", type="string", pattern="^[1-9][0-9]{0,8}$"),
+]
+UPSTREAM_ERRORS = (400, 503, 504)
+
+
+def _get(summary: str, answers: dict[str, Any], params: list[dict] | None = None) -> dict[str, Any]:
+    return {"get": {"summary": summary, "parameters": params or [], "responses": answers}}
 
 
 def _model_paths(prefix: str) -> dict[str, Any]:
     params = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
     if "{version}" in prefix:
         params.append({"name": "version", "in": "path", "required": True, "schema": {"type": "string"}})
+    params += UPSTREAM_HEADERS
+    config = {
+        "description": "Triton's model configuration",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+    infer_ok = {
+        "description": "the outputs: JSON, or a JSON header and binary tensor data (binary_data outputs)",
+        "content": {
+            "application/json": {"schema": _ref(schema.InferenceResponse)},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
     return {
-        prefix: {
-            "get": {
-                "summary": "Model metadata",
-                "parameters": params,
-                "responses": {
-                    "200": _json({"$ref": "#/components/schemas/ModelMetadata"}, "metadata"),
-                    **_errors(404, 503, 504),
-                },
-            }
-        },
-        prefix + "/config": {
-            "get": {
-                "summary": "Model configuration (Triton's extension, for perf_analyzer)",
-                "parameters": params,
-                "responses": {"200": _json({"type": "object"}, "configuration"), **_errors(404, 503, 504)},
-            }
-        },
-        prefix + "/ready": {
-            "get": {
-                "summary": "Model readiness",
-                "parameters": params,
-                "responses": {"200": _json({"type": "object"}, "ready"), **_errors(404, 503, 504)},
-            }
-        },
+        prefix: _get("Model metadata", _answers(schema.ModelMetadata, 404, *UPSTREAM_ERRORS), params),
+        prefix + "/config": _get(
+            "Model configuration (Triton's extension, for perf_analyzer)",
+            {"200": config, **_answers(None, 404, 501, *UPSTREAM_ERRORS)},
+            params,
+        ),
+        prefix + "/ready": _get("Model readiness", _answers(schema.ModelReady, 404, *UPSTREAM_ERRORS), params),
         prefix + "/infer": {
             "post": {
-                "summary": "Inference (JSON, or JSON header plus binary tensor data)",
+                "summary": "Inference (JSON, or a JSON header plus binary tensor data)",
                 "parameters": [
                     *params,
-                    {
-                        "name": "Inference-Header-Content-Length",
-                        "in": "header",
-                        "required": False,
-                        "schema": {"type": "integer", "minimum": 0},
-                    },
+                    _header(
+                        HEADER_LENGTH,
+                        "bytes of the JSON header; the rest is binary tensor data",
+                        type="integer",
+                        minimum=0,
+                    ),
                 ],
                 "requestBody": {
                     "required": True,
                     "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+                        "application/json": {"schema": _ref(schema.InferenceRequest)},
                         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                     },
                 },
-                "responses": {
-                    "200": _json({"$ref": "#/components/schemas/InferenceResponse"}, "outputs"),
-                    **_errors(400, 404, 413, 429, 503, 504),
-                },
+                "responses": {"200": infer_ok, **_answers(None, 404, 408, 413, 415, 429, 500, *UPSTREAM_ERRORS)},
             }
         },
     }
 
 
+@cache
 def openapi_document() -> dict[str, Any]:
-    tensor = {
-        "type": "object",
-        "required": ["name", "shape", "datatype"],
-        "properties": {
-            "name": {"type": "string"},
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "datatype": {
-                "type": "string",
-                "enum": list(DATATYPES),
-            },
-            "parameters": {"type": "object"},
-            "data": {"type": "array", "items": {}},
-        },
-    }
-    metadata_tensor = {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "datatype": {"type": "string"},
-            "shape": {"type": "array", "items": {"type": "integer"}},
-        },
-    }
-    plain = {"200": _json({"type": "object"}, "ok")}
+    _, components = msgspec.json.schema_components(schema.SCHEMAS, ref_template=REF)
+    text = {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "InferenceHub gateway (Open Inference Protocol REST)", "version": inferencehub.__version__},
         "paths": {
-            "/healthz": {"get": {"summary": "The gateway process is alive", "responses": plain}},
-            "/readyz": {
-                "get": {
-                    "summary": "The gateway takes traffic (not starting or draining)",
-                    "responses": {**plain, **_errors(503)},
-                }
-            },
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
-            "/v2": {"get": {"summary": "Server metadata", "responses": {**plain, **_errors(503, 504)}}},
-            "/v2/health/live": {"get": {"summary": "Server liveness", "responses": {**plain, **_errors(503)}}},
-            "/v2/health/ready": {"get": {"summary": "Server readiness", "responses": {**plain, **_errors(503)}}},
+            "/healthz": _get("The gateway process is alive", _answers(schema.Status)),
+            "/readyz": _get("The gateway takes traffic (not starting or draining)", _answers(schema.Status, 503)),
+            "/metrics": _get("Prometheus metrics", {"200": text}),
+            "/v2": _get("Server metadata", _answers(schema.ServerMetadata, *UPSTREAM_ERRORS), UPSTREAM_HEADERS),
+            "/v2/health/live": _get("Server liveness", _answers(schema.Live, *UPSTREAM_ERRORS), UPSTREAM_HEADERS),
+            "/v2/health/ready": _get("Server readiness", _answers(schema.Ready, *UPSTREAM_ERRORS), UPSTREAM_HEADERS),
             **_model_paths("/v2/models/{model}"),
             **_model_paths("/v2/models/{model}/versions/{version}"),
         },
-        "components": {
-            "schemas": {
-                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
-                "ModelMetadata": {
-                    "type": "object",
-                    "properties": {
-                        "name": {"type": "string"},
-                        "versions": {"type": "array", "items": {"type": "string"}},
-                        "platform": {"type": "string"},
-                        "inputs": {"type": "array", "items": metadata_tensor},
-                        "outputs": {"type": "array", "items": metadata_tensor},
-                    },
-                },
-                "InferenceRequest": {
-                    "type": "object",
-                    "required": ["inputs"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "parameters": {"type": "object"},
-                        "inputs": {"type": "array", "minItems": 1, "items": tensor},
-                        "outputs": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["name"],
-                                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
-                            },
-                        },
-                    },
-                },
-                "InferenceResponse": {
-                    "type": "object",
-                    "properties": {
-                        "model_name": {"type": "string"},
-                        "model_version": {"type": "string"},
-                        "id": {"type": "string"},
-                        "outputs": {"type": "array", "items": tensor},
-                    },
-                },
-            }
-        },
+        "components": {"schemas": components},
     }

@@ -14,13 +14,23 @@ output or ``parameters.binary_data_output`` on the request.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
+from msgspec import UNSET
 
 from inferencehub.errors import InvalidInput
+from inferencehub.gateway.schema import (
+    REQUEST_DECODER,
+    InputParameters,
+    OutputParameters,
+    RequestInput,
+    RequestParameters,
+)
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.tensors import DATATYPES, Datatype, deserialize_bytes, element_count, serialize_bytes, to_raw
 
@@ -40,20 +50,8 @@ class OutputPlan:
         return self.binary.get(name, self.binary_default)
 
 
-def _object(value: Any, what: str) -> dict:
-    if not isinstance(value, dict):
-        raise InvalidInput(f"{what} must be a JSON object")
-    return value
-
-
-def _only(doc: dict, allowed: set[str], what: str) -> None:
-    unknown = sorted(set(doc) - allowed)
-    if unknown:
-        raise InvalidInput(f"{what} has unknown field '{unknown[0]}' (expected some of {', '.join(sorted(allowed))})")
-
-
-def _parameters(value: Any, what: str, target) -> dict:
-    params = _object(value, f"{what} parameters")
+def _set_parameters(params: dict[str, Any], target) -> None:
+    """Copy JSON parameters (already typed by the schema) into a protobuf parameter map."""
     for key, item in params.items():
         param = target[key]
         if isinstance(item, bool):
@@ -65,21 +63,45 @@ def _parameters(value: Any, what: str, target) -> dict:
                 param.int64_param = item
         elif isinstance(item, float):
             param.double_param = item
-        elif isinstance(item, str):
-            param.string_param = item
         else:
-            raise InvalidInput(f"{what} parameter '{key}' must be a boolean, number or string")
-    return params
+            param.string_param = item
+
+
+def _known(params: dict[str, Any], kind: type[msgspec.Struct], what: str):
+    """The parameters this API gives a meaning to, checked against their types in the schema."""
+    try:
+        return msgspec.convert(params, kind)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(f"{what} parameters: {_where(exc, '$')}") from None
+
+
+def _where(exc: msgspec.MsgspecError, root: str) -> str:
+    """msgspec's message with its JSON path made readable ("... - at `$.inputs[0]`" -> "... at inputs[0]")."""
+    message, _, path = str(exc).partition(" - at ")
+    path = path.strip("`").removeprefix(root).lstrip(".")
+    return f"{message} at {path}" if path else message
+
+
+def _tensor_named(exc: msgspec.ValidationError, document: bytes) -> str:
+    """For an error inside inputs[i] or outputs[i], the tensor's name, if it has one (errors only: re-reads)."""
+    found = re.search(r"\$\.(inputs|outputs)\[(\d+)\]", str(exc))
+    if found is None:
+        return ""
+    try:
+        name = orjson.loads(document)[found.group(1)][int(found.group(2))]["name"]
+    except (orjson.JSONDecodeError, LookupError, TypeError):
+        return ""
+    kind = found.group(1)[:-1]
+    return f" ({kind} '{name}')" if isinstance(name, str) else ""
 
 
 def parse_header_length(value: str | None, body_length: int) -> int | None:
     if value is None:
         return None
-    try:
-        length = int(value)
-    except ValueError:
-        raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
-    if not 0 <= length <= body_length:
+    if not value.isascii() or not value.isdigit():
+        raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer")
+    length = int(value)
+    if length > body_length:
         raise InvalidInput(f"{HEADER_LENGTH} is {length}, but the body has {body_length} bytes")
     return length
 
@@ -90,80 +112,51 @@ def parse_infer_request(
     json_part = body if header_length is None else body[:header_length]
     binary = memoryview(body)[header_length:] if header_length is not None else memoryview(b"")
     try:
-        doc = orjson.loads(json_part)
-    except orjson.JSONDecodeError as exc:
+        doc = REQUEST_DECODER.decode(json_part)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(f"invalid request: {_where(exc, '$')}{_tensor_named(exc, json_part)}") from None
+    except msgspec.DecodeError as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-    doc = _object(doc, "the request body")
-    _only(doc, {"id", "parameters", "inputs", "outputs", "model_name", "model_version"}, "the request")
     # Some clients (the kserve SDK) repeat the model in the body: it must agree with the path.
-    if "model_name" in doc and doc["model_name"] != model:
-        raise InvalidInput(f"request 'model_name' is {doc['model_name']!r}, but the path says {model!r}")
-    body_version = doc.get("model_version", "")
-    if not isinstance(body_version, str) or (version and body_version and body_version != version):
+    if doc.model_name is not UNSET and doc.model_name != model:
+        raise InvalidInput(f"request 'model_name' is {doc.model_name!r}, but the path says {model!r}")
+    body_version = "" if doc.model_version is UNSET else doc.model_version
+    if version and body_version and body_version != version:
         raise InvalidInput(f"request 'model_version' is {body_version!r}, but the path says {version!r}")
     version = version or body_version
 
     request = pb.ModelInferRequest(model_name=model, model_version=version)
-    if "id" in doc:
-        if not isinstance(doc["id"], str):
-            raise InvalidInput("request 'id' must be a string")
-        request.id = doc["id"]
-    params = _parameters(doc.get("parameters", {}), "request", request.parameters)
-    binary_default = params.get("binary_data_output", False)
-    if not isinstance(binary_default, bool):
-        raise InvalidInput("request parameter 'binary_data_output' must be true or false")
+    if doc.id is not UNSET:
+        request.id = doc.id
+    known = _known(doc.parameters, RequestParameters, "request")
+    _set_parameters(doc.parameters, request.parameters)
+    binary_default = known.binary_data_output is True
 
-    inputs = doc.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise InvalidInput("request 'inputs' must be a non-empty list of tensors")
     offset = 0
-    for i, item in enumerate(inputs):
-        offset = _add_input(request, _object(item, f"inputs[{i}]"), i, binary, offset)
+    for item in doc.inputs:
+        offset = _add_input(request, item, binary, offset)
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
 
     binary_outputs: dict[str, bool] = {}
-    outputs = doc.get("outputs", [])
-    if not isinstance(outputs, list):
-        raise InvalidInput("request 'outputs' must be a list")
-    for i, item in enumerate(outputs):
-        out = _object(item, f"outputs[{i}]")
-        _only(out, {"name", "parameters"}, f"outputs[{i}]")
-        name = out.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidInput(f"outputs[{i}] needs a 'name' string")
-        requested = request.outputs.add(name=name)
-        out_params = _parameters(out.get("parameters", {}), f"output '{name}'", requested.parameters)
-        if "binary_data" in out_params:
-            if not isinstance(out_params["binary_data"], bool):
-                raise InvalidInput(f"output '{name}' parameter 'binary_data' must be true or false")
-            binary_outputs[name] = out_params["binary_data"]
+    for out in doc.outputs:
+        requested = request.outputs.add(name=out.name)
+        out_known = _known(out.parameters, OutputParameters, f"output '{out.name}'")
+        _set_parameters(out.parameters, requested.parameters)
+        if out_known.binary_data is not UNSET:
+            binary_outputs[out.name] = out_known.binary_data
     return request, OutputPlan(binary_default, binary_outputs)
 
 
-def _add_input(request: pb.ModelInferRequest, item: dict, i: int, binary: memoryview, offset: int) -> int:
-    _only(item, {"name", "shape", "datatype", "parameters", "data"}, f"inputs[{i}]")
-    name = item.get("name")
-    if not isinstance(name, str) or not name:
-        raise InvalidInput(f"inputs[{i}] needs a 'name' string")
-    shape = item.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise InvalidInput(f"input '{name}': 'shape' must be a list of integers")
+def _add_input(request: pb.ModelInferRequest, item: RequestInput, binary: memoryview, offset: int) -> int:
+    name, shape = item.name, item.shape
     count = element_count(shape, name)
-    dtype_name = item.get("datatype")
-    if not isinstance(dtype_name, str) or dtype_name not in DATATYPES:
-        raise InvalidInput(
-            f"input '{name}': unsupported datatype {dtype_name!r}, expected one of {', '.join(DATATYPES)}"
-        )
-    dt = DATATYPES[dtype_name]
+    dt = DATATYPES[item.datatype]
     tensor = request.inputs.add(name=name, datatype=dt.name, shape=shape)
-    params = _parameters(item.get("parameters", {}), f"input '{name}'", tensor.parameters)
-    if "binary_data_size" in params:
-        size = params["binary_data_size"]
-        del tensor.parameters["binary_data_size"]
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise InvalidInput(f"input '{name}': 'binary_data_size' must be a non-negative integer")
-        if "data" in item:
+    size = _known(item.parameters, InputParameters, f"input '{name}'").binary_data_size
+    if size is not UNSET:
+        _set_parameters({k: v for k, v in item.parameters.items() if k != "binary_data_size"}, tensor.parameters)
+        if item.data is not UNSET:
             raise InvalidInput(f"input '{name}': has both 'data' and 'binary_data_size'; use one")
         if offset + size > len(binary):
             raise InvalidInput(
@@ -173,9 +166,10 @@ def _add_input(request: pb.ModelInferRequest, item: dict, i: int, binary: memory
         _check_raw(raw, dt, shape, count, name)
         request.raw_input_contents.append(raw)
         return offset + size
-    if "data" not in item:
+    _set_parameters(item.parameters, tensor.parameters)
+    if item.data is UNSET:
         raise InvalidInput(f"input '{name}': needs 'data' (or binary data with 'binary_data_size')")
-    request.raw_input_contents.append(_json_data_to_raw(item["data"], dt, shape, count, name))
+    request.raw_input_contents.append(_json_data_to_raw(item.data, dt, shape, count, name))
     return offset
 
 

@@ -11,10 +11,12 @@ Tuned for replicas behind a headless Service (or any multi-address target):
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
 
+from inferencehub import tls
 from inferencehub.errors import InferenceHubError
 from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.metadata import REPLICA_KEY, REQUEST_ID_KEY
@@ -75,12 +77,31 @@ def channel_options(settings: GatewaySettings) -> list[tuple[str, int | str]]:
 
 class Upstream:
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
-        self.channel = grpc.aio.insecure_channel(settings.upstream, options=channel_options(settings))
+        self.settings = settings
+        self.tls = tls.ClientTls.from_settings(settings)  # None: plaintext
+        self.retiring: set[asyncio.Task] = set()
+        self.channel = self._open()
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.metrics = metrics
 
+    def _open(self) -> grpc.aio.Channel:
+        options = channel_options(self.settings)
+        if self.tls is None:
+            return grpc.aio.insecure_channel(self.settings.upstream, options=options)
+        return grpc.aio.secure_channel(self.settings.upstream, self.tls.credentials, options + self.tls.options)
+
+    def _reopen(self) -> None:
+        """New TLS files: new calls go over a new channel; the old one closes once its calls are done."""
+        old, self.channel = self.channel, self._open()
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        task = asyncio.ensure_future(old.close(grace=self.settings.deadline_seconds))
+        self.retiring.add(task)
+        task.add_done_callback(self.retiring.discard)
+
     async def call(self, method: str, request, *, request_id: str, timeout: float):
         """Call ``method``; return the response and the name of the replica that served it."""
+        if self.tls is not None and self.tls.reloaded():
+            self._reopen()
         call = getattr(self.stub, method)(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id),))
         try:
             response = await call
@@ -93,6 +114,8 @@ class Upstream:
 
     async def close(self) -> None:
         await self.channel.close()
+        for task in list(self.retiring):
+            task.cancel()
 
 
 def _replica(metadata) -> str:

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from inferencehub import tls
 from inferencehub.errors import InferenceHubError
 from inferencehub.inference.engine import Engine, State
 from inferencehub.inference.metrics import InferenceMetrics
@@ -68,6 +69,8 @@ class InferenceServer:
     port: int
     metrics_port: int
     replica: str
+    health_server: grpc.aio.Server | None = None  # plaintext, health only (see tls.py and --health-port)
+    health_port: int | None = None
 
     @property
     def health_names(self) -> list[str]:
@@ -94,6 +97,8 @@ class InferenceServer:
             await asyncio.sleep(self.settings.drain_seconds)
         log.info("refusing new calls; in-flight calls have %.1fs to finish", self.settings.grace_seconds)
         await self.server.stop(self.settings.grace_seconds)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.engine.close()
         self.engine.workers.close()
         self.metrics.close()
@@ -102,6 +107,8 @@ class InferenceServer:
 
 async def start(settings: InferenceSettings) -> InferenceServer:
     """Listen and report NOT_SERVING; the caller then awaits ``load()``."""
+    secure = tls.server_enabled(settings)
+    credentials = tls.server_credentials(settings) if secure else None  # bad TLS files stop start-up here
     configs = load_repository(settings.models or SHIPPED_MODELS)
     processes = settings.processes or cpu_count()
     workers = Workers(settings.threads, processes, [c for c in configs if c.execution == "process"])
@@ -113,7 +120,7 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     )
     address = f"{settings.host}:{settings.port}"
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if secure else server.add_insecure_port(address)
     except RuntimeError as exc:
         raise StartupError(f"cannot listen for gRPC on {address}: {exc} (is the port taken?)") from None
     if port == 0:
@@ -133,6 +140,8 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     instance = InferenceServer(settings, engine, metrics, server, health, port, metrics_port, replica)
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await instance.set_health(False)
+    if settings.health_port >= 0:
+        instance.health_server, instance.health_port = await _health_only_server(settings, health)
     await server.start()
     log.info(
         "replica %s listening: gRPC on %s:%d, metrics on %s:%d; loading %d model(s)",
@@ -143,7 +152,29 @@ async def start(settings: InferenceSettings) -> InferenceServer:
         metrics_port,
         len(configs),
     )
+    if instance.health_port is not None or secure:
+        log.info(
+            "replica %s gRPC port speaks %s; plaintext health-only port: %s",
+            replica,
+            "mutual TLS only" if secure else "plaintext",
+            f"{settings.host}:{instance.health_port}" if instance.health_port is not None else "none",
+        )
     return instance
+
+
+async def _health_only_server(settings: InferenceSettings, health: health_aio.HealthServicer):
+    """A second, plaintext gRPC server carrying only grpc.health.v1: the kubelet's gRPC probe speaks no TLS."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"{settings.host}:{settings.health_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen for health checks on {address}: {exc} (is the port taken?)") from None
+    if port == 0:
+        raise StartupError(f"cannot listen for health checks on {address} (is the port taken?)")
+    await server.start()
+    return server, port
 
 
 async def serve(settings: InferenceSettings) -> None:

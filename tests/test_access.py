@@ -4,6 +4,7 @@ gateway process in front of a real replica."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -261,3 +262,52 @@ def test_the_per_address_table_is_bounded():
     # The most recently seen are the ones kept; a kept client's empty bucket still refuses.
     assert buckets.take("addr:10.0.39.15", now=0.5) == pytest.approx(0.5)
     assert math.isclose(buckets.take("addr:10.0.39.15", now=1.5), 0.0)
+
+
+# --- the CLI against a protected gateway ---------------------------------------------------------
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "INFERENCEHUB_API_KEY"}
+    return subprocess.run(
+        [sys.executable, "-m", "inferencehub", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**environment, **(env or {})},
+    )
+
+
+def test_infer_and_bench_take_an_api_key_by_flag_or_env(keyed):
+    url = f"http://{keyed.url}"
+    iris = ("infer", "iris", "--data", "[[6.3, 3.3, 6.0, 2.5]]", "--url", url)
+    done = cli(*iris, "--api-key", ALICE)
+    assert done.returncode == 0, done.stderr
+    assert "label int64 [1]" in done.stdout and "[2]" in done.stdout
+    done = cli(*iris, env={"INFERENCEHUB_API_KEY": BOB})
+    assert done.returncode == 0, done.stderr
+    refused = cli(*iris)
+    assert refused.returncode == 2 and "401" in refused.stderr and "API key" in refused.stderr, refused.stderr
+    refused = cli(*iris, "--api-key", WRONG)
+    assert refused.returncode == 2 and "the API key is not valid" in refused.stderr, refused.stderr
+
+    bench = cli(
+        "bench",
+        "--model",
+        "mock",
+        "--url",
+        url,
+        "--duration",
+        "1",
+        "--concurrency",
+        "2",
+        "--json",
+        env={"INFERENCEHUB_API_KEY": CAROL},
+    )
+    assert bench.returncode == 0, bench.stderr
+    summary = json.loads(bench.stdout)
+    assert summary["ok"] > 0 and summary["errors"] == {}
+    assert CAROL not in bench.stdout + bench.stderr
+
+    helped = cli("infer", "--help", env={"INFERENCEHUB_API_KEY": ALICE})
+    assert "--api-key" in helped.stdout and "INFERENCEHUB_API_KEY" in helped.stdout and ALICE not in helped.stdout

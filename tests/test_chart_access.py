@@ -18,6 +18,7 @@ from test_chart import (
     CHART,
     HELMS,
     KUBERNETES,
+    NAMESPACE,
     RELEASE,
     Manifested,
     Records,
@@ -331,3 +332,12 @@ def test_wiring_with_tls_and_api_keys_on(rendered, tmp_path):
             server.kill()
         if records is not None:
             records.stop()
+
+
+def test_notes_show_grpcurl_with_the_client_certificate_and_the_key_header():
+    args = ["--namespace", NAMESPACE, "--dry-run=client", *VALUE_SETS["all-on"]]
+    notes = helm("helm4", "install", RELEASE, str(CHART), *args).stdout.split("NOTES:", 1)[1]
+    assert "grpcurl -plaintext" not in notes
+    assert "grpcurl -cacert ca.crt -cert tls.crt -key tls.key localhost:8081 list" in notes
+    assert f"get secret {RELEASE}-gateway-tls" in notes
+    assert "Authorization: Bearer $KEY" in notes

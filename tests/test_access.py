@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -311,3 +312,38 @@ def test_infer_and_bench_take_an_api_key_by_flag_or_env(keyed):
 
     helped = cli("infer", "--help", env={"INFERENCEHUB_API_KEY": ALICE})
     assert "--api-key" in helped.stdout and "INFERENCEHUB_API_KEY" in helped.stdout and ALICE not in helped.stdout
+
+
+def test_the_readme_api_key_commands_work_as_written(replica, tmp_path):
+    """The README's API key block, run as one script: make a key, store its hash, start a gateway, call it."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Who may call it", 1)[1].split("**Rate limits.**", 1)[0]
+    script = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    port = free_port()
+    started = "inferencehub gateway --api-keys-file api-keys &"
+    assert started in script and "localhost:8080" in script
+    script = script.replace(
+        started,
+        f"{started[:-2]} --host 127.0.0.1 --port {port} --upstream ipv4:{replica.target} 2>gateway.log &\n"
+        f"trap 'kill %1' EXIT\n"
+        f"for i in $(seq 100); do curl -sf localhost:{port}/readyz >/dev/null && break; sleep 0.1; done",
+    ).replace("localhost:8080", f"localhost:{port}")
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "INFERENCEHUB_URL": f"http://127.0.0.1:{port}"}
+    env.pop("INFERENCEHUB_API_KEY", None)
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"name":"iris"' in done.stdout.replace(" ", "")  # the metadata call, with the key
+    assert "label int64 [1]" in done.stdout  # inferencehub infer --api-key
+    (line,) = (tmp_path / "api-keys").read_text().splitlines()
+    assert re.fullmatch(r"sha256:[0-9a-f]{64} team-a", line)  # only the hash was stored
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -406,3 +406,24 @@ def test_load_balancing_and_failures_cost_nothing_over_tls(pki, tmp_path, dns_se
             gateway.stop()
         for replica in replicas.values():
             replica.kill()
+
+
+def test_the_readme_grpcurl_commands_work_as_written(pki, tls_replica, tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("grpcurl against a TLS replica", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    commands = [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]
+    assert len(commands) == 3
+    for name, source in (("ca.crt", pki.ca_file), ("client.crt", pki.gateway.cert), ("client.key", pki.gateway.key)):
+        (tmp_path / name).write_bytes(source.read_bytes())
+    outputs = []
+    for command in commands:
+        command = command.replace("localhost:8081", f"localhost:{tls_replica.port}").replace(
+            "grpcurl ", GRPCURL + " ", 1
+        )
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30, cwd=tmp_path)
+        assert done.returncode == 0, f"{command}\n{done.stderr}"
+        outputs.append(done.stdout)
+    assert "inference.GRPCInferenceService" in outputs[0]
+    assert json.loads(outputs[1]) == {"status": "SERVING"}
+    assert json.loads(outputs[2])["outputs"]

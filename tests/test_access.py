@@ -347,3 +347,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_negative_rate_limit_stops_start_up_with_a_clear_error():
+    done = subprocess.run([*GATEWAY, "--rate-limit", "-1"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--rate-limit and --rate-limit-burst cannot be negative" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -334,6 +334,7 @@ def _secure_ok(target: str, credentials) -> bool:
         ("only a certificate", "needs --tls-cert, --tls-key and --tls-client-ca together"),
         ("a key that does not match", "do not load together"),
         ("a CA that is no PEM", "not a PEM file"),
+        ("an encrypted key", "the key is encrypted; give an unencrypted PEM key"),
     ],
 )
 def test_bad_tls_settings_stop_start_up_with_a_clear_error(pki, tmp_path, which, words):
@@ -344,9 +345,12 @@ def test_bad_tls_settings_stop_start_up_with_a_clear_error(pki, tmp_path, which,
         "only a certificate": ["--tls-cert", str(pki.replica.cert)],
         "a key that does not match": [*pki.replica_args()[:6]],
         "a CA that is no PEM": [*pki.replica_args()[:5], str(junk)],
+        "an encrypted key": [*pki.replica_args()[:6]],
     }[which]
     if which == "a key that does not match":
         args[3] = str(other.key)
+    if which == "an encrypted key":
+        args[3] = str(encrypt(pki.replica.key, tmp_path / "encrypted.key"))
     done = subprocess.run(
         [*REPLICA, *args],
         capture_output=True,
@@ -427,3 +431,38 @@ def test_the_readme_grpcurl_commands_work_as_written(pki, tls_replica, tmp_path)
     assert "inference.GRPCInferenceService" in outputs[0]
     assert json.loads(outputs[1]) == {"status": "SERVING"}
     assert json.loads(outputs[2])["outputs"]
+
+
+def encrypt(key: Path, out: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+
+    loaded = serialization.load_pem_private_key(key.read_bytes(), None)
+    out.write_bytes(
+        loaded.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"a passphrase"),
+        )
+    )
+    return out
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--upstream-tls-cert", "x.crt"], "need --upstream-tls-ca"),
+        (["--upstream-tls-ca", "CA", "--upstream-tls-cert", "CERT"], "go together"),
+        (["--upstream-tls-ca", "missing.crt"], "--upstream-tls-ca missing.crt: No such file or directory"),
+    ],
+)
+def test_bad_gateway_tls_settings_stop_start_up_with_a_clear_error(pki, args, words):
+    args = [{"CA": str(pki.ca_file), "CERT": str(pki.gateway.cert)}.get(a, a) for a in args]
+    done = subprocess.run(
+        [sys.executable, "-m", "inferencehub.gateway", "--host", "127.0.0.1", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "inferencehub gateway: error:" in done.stderr and words in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

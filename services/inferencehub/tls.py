@@ -60,8 +60,12 @@ def load(cert: Path | None, key: Path | None, ca: Path | None, flags: tuple[str,
     pem = Pem(_read(cert, flags[0]), _read(key, flags[1]), _read(ca, flags[2]))
     if cert is not None and key is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+        def encrypted() -> bytes:  # never prompt on a terminal for a passphrase
+            raise TlsError(f"{flags[1]} {key}: the key is encrypted; give an unencrypted PEM key")
+
         try:
-            context.load_cert_chain(cert, key)
+            context.load_cert_chain(cert, key, password=encrypted)
         except ssl.SSLError as exc:
             raise TlsError(f"{flags[0]} {cert} and {flags[1]} {key} do not load together: {exc.reason}") from None
     if ca is not None:

@@ -173,7 +173,7 @@ class Access:
     def from_settings(cls, settings, registry: CollectorRegistry) -> Access | None:
         """None when neither keys nor a rate limit are configured. Raises KeyFileError for a bad key file."""
         if settings.rate_limit < 0 or settings.rate_limit_burst < 0:
-            raise KeyFileError("--rate-limit and --rate-limit-burst cannot be negative")
+            raise InferenceHubError("--rate-limit and --rate-limit-burst cannot be negative")
         keys = KeyRing(settings.api_keys_file) if settings.api_keys_file is not None else None
         buckets = TokenBuckets(settings.rate_limit, settings.rate_limit_burst) if settings.rate_limit > 0 else None
         if keys is None and buckets is None:

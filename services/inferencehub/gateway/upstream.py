@@ -79,7 +79,7 @@ class Upstream:
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
         self.settings = settings
         self.tls = tls.ClientTls.from_settings(settings)  # None: plaintext
-        self.retiring: set[asyncio.Task] = set()
+        self.retiring: dict[grpc.aio.Channel, asyncio.Future] = {}  # old channels closing once their calls end
         self.channel = self._open()
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.metrics = metrics
@@ -94,9 +94,13 @@ class Upstream:
         """New TLS files: new calls go over a new channel; the old one closes once its calls are done."""
         old, self.channel = self.channel, self._open()
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
-        task = asyncio.ensure_future(old.close(grace=self.settings.deadline_seconds))
-        self.retiring.add(task)
-        task.add_done_callback(self.retiring.discard)
+        self.retiring[old] = asyncio.ensure_future(self._retire(old))
+
+    async def _retire(self, old: grpc.aio.Channel) -> None:
+        try:
+            await old.close(grace=self.settings.deadline_seconds)
+        finally:
+            self.retiring.pop(old, None)
 
     async def call(self, method: str, request, *, request_id: str, timeout: float):
         """Call ``method``; return the response and the name of the replica that served it."""
@@ -114,8 +118,8 @@ class Upstream:
 
     async def close(self) -> None:
         await self.channel.close()
-        for task in list(self.retiring):
-            task.cancel()
+        for old in list(self.retiring):
+            await old.close()
 
 
 def _replica(metadata) -> str:

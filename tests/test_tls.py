@@ -268,15 +268,28 @@ def test_certificates_are_reread_when_they_change(pki, tmp_path):
     )
     try:
         assert gateway.request("POST", "/v2/models/fast/infer", BODY).status == 200
-        new_ca = CA("the next CA")
-        new_ca_file = new_ca.write(tmp_path / "next-ca.crt")
-        new_replica = new_ca.write_pair(tmp_path / "next", "replica", dns=("localhost",), ips=HOSTS)
-        new_gateway = new_ca.write_pair(tmp_path / "next", "gateway")
 
         def put(target, source) -> None:
             temporary = target.with_suffix(".tmp")
             temporary.write_bytes(source.read_bytes())
             os.replace(temporary, target)
+
+        # The gateway given a key that does not match its certificate keeps the set in use, and keeps serving.
+        put(gw_key, pki.rogue.key)
+        wait_for(
+            lambda: (
+                gateway.request("POST", "/v2/models/fast/infer", BODY).status == 200
+                and "keeping the upstream TLS certificate in use" in gateway.log
+            ),
+            timeout=15,
+            interval=0.3,
+            what="the gateway to refuse the broken set",
+        )
+        put(gw_key, pki.gateway.key)
+        new_ca = CA("the next CA")
+        new_ca_file = new_ca.write(tmp_path / "next-ca.crt")
+        new_replica = new_ca.write_pair(tmp_path / "next", "replica", dns=("localhost",), ips=HOSTS)
+        new_gateway = new_ca.write_pair(tmp_path / "next", "gateway")
 
         # A half-done rotation (a key that does not match the certificate) is refused; the old set stays.
         put(live_key, new_replica.key)

@@ -6,7 +6,8 @@ Tuned for replicas behind a headless Service (or any multi-address target):
 - retries of UNAVAILABLE with backoff, so calls in flight on a replica that dies are replayed elsewhere;
 - keepalive pings with a short ack timeout, so a frozen replica is dropped in seconds;
 - frequent DNS re-resolution, so new replicas get traffic soon after they appear;
-- message size limits matching the replicas', and a deadline on every call.
+- message size limits matching the replicas', and a deadline on every call;
+- optionally mutual TLS (``inferencehub.tls``), moving to a new channel when the certificate files change.
 """
 
 from __future__ import annotations

@@ -99,6 +99,7 @@ def bench(
     size: int = 16,
     max_in_flight: int = 512,
     timeout: float = 60.0,
+    api_key: str | None = None,
 ) -> dict:
     """One `inferencehub bench` run, in this process; returns its summary."""
     from inferencehub import bench as load
@@ -114,6 +115,7 @@ def bench(
         size=size,
         max_in_flight=max_in_flight,
         timeout=timeout,
+        api_key=api_key,
     )
     with quiet_stderr():
         return asyncio.run(load.run(config))

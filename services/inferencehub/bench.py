@@ -33,6 +33,7 @@ class BenchConfig:
     size: int = 16
     binary: bool = True
     timeout: float = 30.0
+    api_key: str | None = field(default=None, repr=False)  # never printed
 
 
 @dataclass
@@ -99,7 +100,7 @@ async def _progress(recorder: Recorder, duration: float) -> None:
 
 
 async def run(config: BenchConfig) -> dict:
-    async with transport(config.url, config.grpc, config.timeout) as client:
+    async with transport(config.url, config.grpc, config.timeout, config.api_key) as client:
         metadata = await client.metadata(config.model)
         prepared = client.prepare(config.model, synthetic_inputs(metadata, config.batch, config.size), config.binary)
         recorder = Recorder()

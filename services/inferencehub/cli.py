@@ -67,7 +67,7 @@ def _value(text: str):
 async def _call(args: argparse.Namespace) -> int:
     from inferencehub.client import to_inputs, transport
 
-    async with transport(args.url, args.grpc, args.timeout) as client:
+    async with transport(args.url, args.grpc, args.timeout, _api_key(args)) as client:
         metadata = await client.metadata(args.model)
         data = {}
         if args.data is not None:
@@ -112,6 +112,7 @@ def _bench(args: argparse.Namespace) -> int:
         size=args.size,
         binary=not args.json_data,
         timeout=args.timeout,
+        api_key=_api_key(args),
     )
     if config.concurrency < 1 or config.duration <= 0 or (config.rate is not None and config.rate <= 0):
         print("inferencehub bench: error: --concurrency, --duration and --rate must be positive", file=sys.stderr)
@@ -130,6 +131,16 @@ def _target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=default, help="the gateway [env INFERENCEHUB_URL, default %(default)s]")
     parser.add_argument("--grpc", metavar="TARGET", help="call an inference replica directly over gRPC instead")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default %(default)s)")
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="API key for a gateway that needs one, sent as Authorization: Bearer [env INFERENCEHUB_API_KEY]",
+    )
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    # Read here rather than as the flag's default, so --help never prints the key.
+    return args.api_key or os.environ.get("INFERENCEHUB_API_KEY") or None
 
 
 def build_parser() -> argparse.ArgumentParser:

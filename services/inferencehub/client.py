@@ -77,17 +77,20 @@ def synthetic_inputs(metadata: dict, batch: int, size: int, seed: int = 0) -> di
 class HttpTransport:
     """The gateway, over HTTP/1.1 keep-alive connections."""
 
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, timeout: float = 60.0, api_key: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.session = None
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def __aenter__(self) -> HttpTransport:
         import aiohttp
 
         self._aiohttp = aiohttp
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=self.timeout)
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            headers=self._headers,
         )
         return self
 
@@ -216,10 +219,11 @@ class GrpcTransport:
         return Outcome("OK", True, latency, replica, outputs=outputs)
 
 
-def transport(url: str | None, grpc_target: str | None, timeout: float = 60.0):
-    return (
-        GrpcTransport(grpc_target, timeout) if grpc_target else HttpTransport(url or "http://127.0.0.1:8080", timeout)
-    )
+def transport(url: str | None, grpc_target: str | None, timeout: float = 60.0, api_key: str | None = None):
+    """The gateway over HTTP (sending ``api_key`` as a bearer token), or a replica over gRPC."""
+    if grpc_target:
+        return GrpcTransport(grpc_target, timeout)
+    return HttpTransport(url or "http://127.0.0.1:8080", timeout, api_key)
 
 
 def _replica(metadata) -> str:

@@ -66,6 +66,12 @@ class InferenceSettings:
     max_connection_age_grace_seconds: float = setting(10.0, "time calls on an aged connection get to finish")
     log_level: str = setting("info", "debug, info, warning or error")
     listen_file: Path | None = setting(None, "once listening, write the addresses there as JSON (for supervisors)")
+    # Mutual TLS (all three together): then the gRPC port refuses plaintext and clients without a certificate
+    # from --tls-client-ca. The files are re-read when they change (new connections use the new ones).
+    tls_cert: Path | None = setting(None, "PEM certificate chain of this replica (turns mutual TLS on)")
+    tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = setting(None, "PEM CA bundle; only clients with a certificate it signed may call")
+    health_port: int = setting(-1, "plaintext gRPC port serving only grpc.health.v1, for probes (-1: none, 0: any)")
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,18 @@ class GatewaySettings:
     grace_seconds: float = setting(10.0, "time in-flight requests get to finish after the drain")
     log_level: str = setting("info", "debug, info, warning or error")
     listen_file: Path | None = setting(None, "once listening, write the address there as JSON (for supervisors)")
+    # Who may call: API keys and rate limits (see gateway/auth.py), mutual TLS to the replicas (see tls.py).
+    api_keys_file: Path | None = setting(
+        None, "file of API keys, one a line: KEY or sha256:HEX, then an optional name (turns keys on)"
+    )
+    rate_limit: float = setting(0.0, "requests a second per API key name (per client address with keys off); 0: off")
+    rate_limit_burst: int = setting(0, "requests a client may send at once above the rate (0: one second's worth)")
+    upstream_tls_ca: Path | None = setting(None, "PEM CA bundle that signed the replicas' certificates (turns TLS on)")
+    upstream_tls_cert: Path | None = setting(None, "PEM client certificate chain the gateway shows the replicas")
+    upstream_tls_key: Path | None = setting(None, "PEM private key of --upstream-tls-cert")
+    upstream_tls_server_name: str = setting(
+        "", "name the replicas' certificates must carry, if not the upstream target's host name"
+    )
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import inferencehub
 from inferencehub import logs
 from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.gateway import rest
+from inferencehub.gateway.auth import Access
 from inferencehub.gateway.connections import BodyTimeout, GatewayRunner, Limits
 from inferencehub.gateway.http_errors import error_response, upstream_error_response
 from inferencehub.gateway.metrics import GatewayMetrics
@@ -258,6 +259,9 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics()
     app[STATE] = GatewayState()
+    access = Access.from_settings(settings, app[METRICS].registry)
+    if access is not None:  # API keys and rate limits: after observe (ids, metrics), before the routes
+        app.middlewares.insert(1, access.middleware())
     app.cleanup_ctx.append(_upstream_ctx)
     app.add_routes(routes())
     return app

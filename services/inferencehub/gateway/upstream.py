@@ -6,15 +6,18 @@ Tuned for replicas behind a headless Service (or any multi-address target):
 - retries of UNAVAILABLE with backoff, so calls in flight on a replica that dies are replayed elsewhere;
 - keepalive pings with a short ack timeout, so a frozen replica is dropped in seconds;
 - frequent DNS re-resolution, so new replicas get traffic soon after they appear;
-- message size limits matching the replicas', and a deadline on every call.
+- message size limits matching the replicas', and a deadline on every call;
+- optionally mutual TLS (``inferencehub.tls``), moving to a new channel when the certificate files change.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
 
+from inferencehub import tls
 from inferencehub.errors import InferenceHubError
 from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.metadata import REPLICA_KEY, REQUEST_ID_KEY
@@ -75,12 +78,35 @@ def channel_options(settings: GatewaySettings) -> list[tuple[str, int | str]]:
 
 class Upstream:
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
-        self.channel = grpc.aio.insecure_channel(settings.upstream, options=channel_options(settings))
+        self.settings = settings
+        self.tls = tls.ClientTls.from_settings(settings)  # None: plaintext
+        self.retiring: dict[grpc.aio.Channel, asyncio.Future] = {}  # old channels closing once their calls end
+        self.channel = self._open()
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.metrics = metrics
 
+    def _open(self) -> grpc.aio.Channel:
+        options = channel_options(self.settings)
+        if self.tls is None:
+            return grpc.aio.insecure_channel(self.settings.upstream, options=options)
+        return grpc.aio.secure_channel(self.settings.upstream, self.tls.credentials, options + self.tls.options)
+
+    def _reopen(self) -> None:
+        """New TLS files: new calls go over a new channel; the old one closes once its calls are done."""
+        old, self.channel = self.channel, self._open()
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.retiring[old] = asyncio.ensure_future(self._retire(old))
+
+    async def _retire(self, old: grpc.aio.Channel) -> None:
+        try:
+            await old.close(grace=self.settings.deadline_seconds)
+        finally:
+            self.retiring.pop(old, None)
+
     async def call(self, method: str, request, *, request_id: str, timeout: float):
         """Call ``method``; return the response and the name of the replica that served it."""
+        if self.tls is not None and self.tls.reloaded():
+            self._reopen()
         call = getattr(self.stub, method)(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id),))
         try:
             response = await call
@@ -93,6 +119,8 @@ class Upstream:
 
     async def close(self) -> None:
         await self.channel.close()
+        for old in list(self.retiring):
+            await old.close()
 
 
 def _replica(metadata) -> str:

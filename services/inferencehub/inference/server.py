@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from inferencehub import tls
 from inferencehub.errors import InferenceHubError
 from inferencehub.inference.engine import Engine, State
 from inferencehub.inference.metrics import InferenceMetrics
@@ -70,6 +71,8 @@ class InferenceServer:
     port: int
     metrics_port: int
     replica: str
+    health_server: grpc.aio.Server | None = None  # plaintext, health only (see tls.py and --health-port)
+    health_port: int | None = None
 
     @property
     def health_names(self) -> list[str]:
@@ -97,6 +100,8 @@ class InferenceServer:
         log.info("refusing new calls; in-flight calls have %.1fs to finish", self.settings.grace_seconds)
         self.streams_stopping.set()  # open health Watch and reflection streams end now, with OK
         await self.server.stop(self.settings.grace_seconds)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.engine.close()
         self.engine.workers.close()
         self.metrics.close()
@@ -105,6 +110,8 @@ class InferenceServer:
 
 async def start(settings: InferenceSettings) -> InferenceServer:
     """Listen and report NOT_SERVING; the caller then awaits ``load()``."""
+    secure = tls.server_enabled(settings)
+    credentials = tls.server_credentials(settings) if secure else None  # bad TLS files stop start-up here
     configs = load_repository(settings.models or SHIPPED_MODELS)
     processes = settings.processes or cpu_count()
     workers = Workers(settings.threads, processes, [c for c in configs if c.execution == "process"])
@@ -116,7 +123,7 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     )
     address = f"{settings.host}:{settings.port}"
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if secure else server.add_insecure_port(address)
     except RuntimeError as exc:
         raise StartupError(f"cannot listen for gRPC on {address}: {exc} (is the port taken?)") from None
     if port == 0:
@@ -136,6 +143,8 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     instance = InferenceServer(settings, engine, metrics, server, health, streams_stopping, port, metrics_port, replica)
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await instance.set_health(False)
+    if settings.health_port >= 0:
+        instance.health_server, instance.health_port = await _health_only_server(settings, health)
     await server.start()
     log.info(
         "replica %s listening: gRPC on %s:%d, metrics on %s:%d; loading %d model(s)",
@@ -146,9 +155,33 @@ async def start(settings: InferenceSettings) -> InferenceServer:
         metrics_port,
         len(configs),
     )
-    host = settings.host
-    announce(settings.listen_file, "inference", grpc=f"{host}:{port}", metrics=f"{host}:{metrics_port}")
+    if instance.health_port is not None or secure:
+        log.info(
+            "replica %s gRPC port speaks %s; plaintext health-only port: %s",
+            replica,
+            "mutual TLS only" if secure else "plaintext",
+            f"{settings.host}:{instance.health_port}" if instance.health_port is not None else "none",
+        )
+    addresses = {"grpc": f"{settings.host}:{port}", "metrics": f"{settings.host}:{metrics_port}"}
+    if instance.health_port is not None:
+        addresses["health"] = f"{settings.host}:{instance.health_port}"
+    announce(settings.listen_file, "inference", **addresses)
     return instance
+
+
+async def _health_only_server(settings: InferenceSettings, health: HealthServicer):
+    """A second, plaintext gRPC server carrying only grpc.health.v1: the kubelet's gRPC probe speaks no TLS."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"{settings.host}:{settings.health_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen for health checks on {address}: {exc} (is the port taken?)") from None
+    if port == 0:
+        raise StartupError(f"cannot listen for health checks on {address} (is the port taken?)")
+    await server.start()
+    return server, port
 
 
 async def serve(settings: InferenceSettings) -> None:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import urllib.parse
 import urllib.request
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_gateway import IRIS_ROW
 from test_inference_service import ALL_DATATYPES as DATATYPES
+
+from conftest import Gateway
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -142,3 +146,93 @@ def test_adversarial_paths_and_headers_never_5xx(gateway, method, segments, body
         assert response.headers["x-request-id"] == request_id
     else:
         assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])
+
+
+# --- headers and framing, on raw sockets ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def raw_gateway(replica):
+    """A gateway of its own (so its log can be read whole), with short read deadlines."""
+    server = Gateway(f"ipv4:{replica.target}", "--header-timeout-seconds", "2", "--body-timeout-seconds", "2")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+header_names = st.sampled_from(
+    [
+        "Content-Length",
+        "Transfer-Encoding",
+        "Content-Type",
+        "Content-Encoding",
+        "Expect",
+        "Connection",
+        "Host",
+        "X-Request-Id",
+        "X-InferenceHub-Deadline-Ms",
+        "Inference-Header-Content-Length",
+        "Upgrade",
+    ]
+) | st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters=":"), max_size=12)
+header_values = st.binary(max_size=24).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")) | st.sampled_from(
+    [b"chunked", b"gzip", b"100-continue", b"-1", b"99999999999999999999", b"0x10", b"5, 6", b"close", b"websocket"]
+)
+
+
+@st.composite
+def raw_requests(draw) -> bytes:
+    """An HTTP/1.1 request with arbitrary headers and framing: lengths that lie, duplicate or contradictory
+    framing headers, broken chunks, stray bytes in header lines."""
+    method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"BREW", b"POST"]))
+    path = draw(st.sampled_from([b"/v2/models/iris/infer", b"/v2", b"/healthz", b"/v2/models/iris"]))
+    body = draw(st.binary(max_size=40) | st.just(json.dumps(valid_request()).encode()))
+    lines = [b"%s %s HTTP/1.1" % (method, path), b"Host: gateway"]
+    framing = draw(st.sampled_from(["length", "wrong-length", "two-lengths", "chunked", "bad-chunks", "both", "none"]))
+    if framing == "length":
+        lines.append(b"Content-Length: %d" % len(body))
+    elif framing == "wrong-length":
+        lines.append(b"Content-Length: %d" % draw(st.integers(0, max(len(body) - 1, 0))))
+    elif framing == "two-lengths":
+        lines += [b"Content-Length: %d" % len(body), b"Content-Length: %d" % (len(body) + 1)]
+    elif framing in ("chunked", "bad-chunks", "both"):
+        lines.append(b"Transfer-Encoding: chunked")
+        if framing == "both":
+            lines.append(b"Content-Length: %d" % len(body))
+        size = b"%x" % len(body) if framing != "bad-chunks" else draw(st.sampled_from([b"zz", b"-1", b"ffffffffffff"]))
+        body = size + b"\r\n" + body + b"\r\n0\r\n\r\n"
+    for name, value in draw(st.lists(st.tuples(header_names, header_values), max_size=4)):
+        lines.append(name.encode() + b": " + value)
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def answer_to(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)  # nothing more is coming: incomplete framing ends now, not at a timeout
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_fuzzed_headers_and_framing_get_json_errors_never_5xx(raw_gateway):
+    @settings(max_examples=120, deadline=None)
+    @given(raw_requests())
+    def check(request):
+        received = answer_to(raw_gateway.port, request)
+        for response in re.split(rb"(?=HTTP/1\.[01] \d{3} )", received):
+            if not response:
+                continue  # the server closed without an answer (the client's bytes ended mid-request)
+            head, _, body = response.partition(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            assert status < 500 or status == 503, (request, response[:300])
+            if status >= 400:
+                length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+                document = json.loads(body[:length])
+                assert set(document) == {"error"} and isinstance(document["error"], str), (request, response)
+
+    check()
+    assert raw_gateway.request("POST", "/v2/models/iris/infer", valid_request()).status == 200
+    assert "Traceback" not in raw_gateway.log and " ERROR " not in raw_gateway.log, raw_gateway.log[-3000:]

@@ -388,3 +388,13 @@ def test_models_whose_modules_share_a_name_each_run_their_own_code(tmp_path):
                 assert np.frombuffer(response.raw_output_contents[0], np.int64).tolist() == [5 * factor, 7 * factor]
     finally:
         replica.stop()
+
+
+def test_expect_header_is_100_continue_or_a_json_417(strict_gateway):
+    body = json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]})
+    head = INFER + b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n" % len(body)
+    _, received = exchange(strict_gateway.port, [head + b"Expect: 100-continue\r\n\r\n", body.encode()], pause=0.2)
+    assert received.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK"), received[:200]
+    _, received = exchange(strict_gateway.port, [head + b"Expect: " + SECRET + b"\r\n\r\n" + body.encode()])
+    status, message = status_and_error(received)
+    assert status == 417 and SECRET.decode() not in message

@@ -7,6 +7,7 @@ and errors become HTTP answers in ``http_errors``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import signal
@@ -224,22 +225,35 @@ async def infer(request: web.Request) -> web.Response:
     return web.Response(body=payload, headers=headers)
 
 
+async def expect(request: web.Request) -> web.Response | None:
+    """The ``Expect`` header (answered before any middleware runs): 100-continue, or a JSON 417."""
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        if request.version == web.HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer proper has not started
+        return None
+    response = error_response(417, "the Expect header supports only 100-continue")
+    response.force_close()
+    return response
+
+
 def routes() -> list[web.RouteDef]:
+    get = functools.partial(web.get, expect_handler=expect)
     table = [
-        web.get("/healthz", healthz),
-        web.get("/readyz", readyz),
-        web.get("/metrics", metrics),
-        web.get("/openapi.json", openapi),
-        web.get("/v2", server_metadata),
-        web.get("/v2/health/live", server_live),
-        web.get("/v2/health/ready", server_ready),
+        get("/healthz", healthz),
+        get("/readyz", readyz),
+        get("/metrics", metrics),
+        get("/openapi.json", openapi),
+        get("/v2", server_metadata),
+        get("/v2/health/live", server_live),
+        get("/v2/health/ready", server_ready),
     ]
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         table += [
-            web.get(prefix, model_metadata),
-            web.get(prefix + "/ready", model_ready),
-            web.get(prefix + "/config", model_config),
-            web.post(prefix + "/infer", infer),
+            get(prefix, model_metadata),
+            get(prefix + "/ready", model_ready),
+            get(prefix + "/config", model_config),
+            web.post(prefix + "/infer", infer, expect_handler=expect),
         ]
     return table
 

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import inferencehub
@@ -228,7 +228,7 @@ async def infer(request: web.Request) -> web.Response:
 async def expect(request: web.Request) -> web.Response | None:
     """The ``Expect`` header (answered before any middleware runs): 100-continue, or a JSON 417."""
     if request.headers.get("Expect", "").lower() == "100-continue":
-        if request.version == web.HttpVersion11:
+        if request.version == HttpVersion11:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the answer proper has not started
         return None

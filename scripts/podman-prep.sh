@@ -2,7 +2,7 @@
 # Prepare rootful podman for the container system test (`make test-containers`) on a machine with no
 # Docker engine, and print the environment that podman then needs:
 #
-#   eval "$(scripts/podman-prep.sh)"      installs podman, runc, netavark/aardvark-dns and debootstrap if
+#   eval "$(scripts/podman-prep.sh)"      installs podman, runc, netavark, aardvark-dns, iptables, debootstrap if
 #                                         missing, writes containers.conf and storage.conf under $STATE, and
 #                                         makes sure a python:3.12-slim base image exists
 #
@@ -22,7 +22,8 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # 1. tools
 missing=()
-for tool in podman:podman runc:runc debootstrap:debootstrap netavark:netavark aardvark-dns:aardvark-dns; do
+for tool in podman:podman runc:runc debootstrap:debootstrap netavark:netavark aardvark-dns:aardvark-dns \
+  iptables:iptables; do
   command -v "${tool%%:*}" >/dev/null || [[ -x /usr/lib/podman/${tool%%:*} ]] || missing+=("${tool#*:}")
 done
 if ((${#missing[@]})); then

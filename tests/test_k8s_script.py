@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -34,6 +35,9 @@ STUB = textwrap.dedent(
     with open(state / "calls.jsonl", "a") as log:
         log.write(json.dumps([tool, *args]) + "\n")
     line = " ".join([tool, *args])
+    hang = os.environ.get("STUB_HANG", "")
+    if hang and hang in " ".join([tool, *args]):
+        time.sleep(60)  # a step that takes long: the user presses Ctrl-C
     fail = os.environ.get("STUB_FAIL", "")
     if fail and fail in line:
         print(f"{tool}: failing as the test asked", file=sys.stderr)
@@ -190,6 +194,36 @@ def test_minikube_uses_its_profile_as_the_context(stubs):
 def test_a_failing_step_fails_the_script_and_stops_the_port_forward(stubs, step):
     done = run(stubs, "kind", "up", fail=step)
     assert done.returncode != 0
+    assert_forward_stopped(stubs)
+
+
+def test_ctrl_c_stops_the_port_forward(stubs):
+    # Ctrl-C signals the whole foreground process group; the backgrounded port-forward ignores SIGINT (as
+    # background jobs of a script do), so only the script's EXIT trap can stop it.
+    environment = {
+        **os.environ,
+        "PATH": f"{stubs / 'bin'}:{os.environ['PATH']}",
+        "STUB_STATE": str(stubs / "state"),
+        "STUB_HANG": "/v2/models/iris/infer",
+        "STUB_GATEWAY_SERVICE": GATEWAY_SERVICE,
+    }
+    script = subprocess.Popen(
+        ["bash", str(SCRIPT), "kind", "up"],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        wait_for(
+            lambda: any("/v2/models/iris/infer" in " ".join(c) for c in calls(stubs)), timeout=30, what="the smoke call"
+        )
+        os.killpg(script.pid, signal.SIGINT)
+        assert script.wait(timeout=30) != 0
+    finally:
+        if script.poll() is None:
+            script.kill()
     assert_forward_stopped(stubs)
 
 

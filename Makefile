@@ -21,7 +21,7 @@ test: lint tools
 
 # Both images built with podman and run together as compose.yaml declares (root; ~5 minutes, first run longer).
 test-containers: $(STAMP)
-	$(PY) -m pytest tests/containers -v
+	$(PY) -m pytest tests/containers -v -s
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

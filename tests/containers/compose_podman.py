@@ -218,6 +218,10 @@ class Project:
         podman("stop", container, timeout=120)
         return int(podman("inspect", "--format", "{{.State.ExitCode}}", container).stdout.strip())
 
+    def kill(self, container: str) -> None:
+        """SIGKILL: no drain, connections broken mid-call (a crash, an OOM kill)."""
+        podman("kill", container)
+
     def down(self) -> None:
         """Every container and network of the project, by its label, whatever state the run left."""
         label = f"label=com.docker.compose.project={self.name}"

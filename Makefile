@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test bench lint format proto install tools clean kind-up kind-demo kind-down minikube-up minikube-demo minikube-down
+.PHONY: run test test-containers bench lint format proto install tools clean kind-up kind-demo kind-down minikube-up minikube-demo minikube-down
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ run: $(STAMP)
 
 test: lint tools
 	$(PY) -m pytest
+
+# Both images built with podman and run together as compose.yaml declares (root; ~5 minutes, first run longer).
+test-containers: $(STAMP)
+	$(PY) -m pytest tests/containers -v -s
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -3,27 +3,69 @@
 #
 #   scripts/k8s.sh kind up       create the cluster, build and load the images, install metrics-server
 #                                and the chart, wait, and smoke-test through a port-forward
-#   scripts/k8s.sh kind demo     the HPA demo: a load Job, with `kubectl get hpa` and pod counts as they change
+#   scripts/k8s.sh kind demo     the HPA demo: a load Job, with the HPA's CPU and pod counts as they change
 #   scripts/k8s.sh kind down     delete the cluster
 #   scripts/k8s.sh minikube up|demo|down    the same on minikube
 #
-# Needs docker, kubectl, helm 3 or 4, and kind or minikube. Everything runs on your machine.
+# Needs docker, kubectl, helm 3 or 4, and kind or minikube. Every kubectl and helm call names the cluster's
+# own context (kind-$CLUSTER, or the minikube profile $CLUSTER), never the current one.
+# Settings: CLUSTER (inferencehub), RELEASE (inferencehub), NAMESPACE (inferencehub), LOCAL_PORT (18080).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PLATFORM=${1:-}; STEP=${2:-}
 CLUSTER=${CLUSTER:-inferencehub}
 RELEASE=${RELEASE:-inferencehub}
-NAMESPACE=${NAMESPACE:-default}
-TAG=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' charts/inferencehub/Chart.yaml)
+NAMESPACE=${NAMESPACE:-inferencehub}
+LOCAL_PORT=${LOCAL_PORT:-18080}
 METRICS_SERVER=https://github.com/kubernetes-sigs/metrics-server/releases/download/v0.7.2/components.yaml
 DEMO_SECONDS=${DEMO_SECONDS:-300}
+LOAD_JOB=inferencehub-hpa-load
 
 say() { printf '\n==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 need() { for tool in "$@"; do command -v "$tool" >/dev/null || die "$tool is not installed"; done; }
 
+if [[ $PLATFORM == kind ]]; then CONTEXT=kind-$CLUSTER; else CONTEXT=$CLUSTER; fi
+k() { kubectl --context "$CONTEXT" --namespace "$NAMESPACE" "$@"; }
+h() { helm --kube-context "$CONTEXT" --namespace "$NAMESPACE" "$@"; }
+
+# Background processes (port-forwards) are stopped on every way out: success, a failed step, Ctrl-C.
+BACKGROUND=()
+cleanup() {
+  local pid
+  for pid in "${BACKGROUND[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then kill "$pid"; fi
+  done
+}
+trap cleanup EXIT
+
+# Images are tagged by content: the commit, plus a hash of the working tree and "-dirty" when it has
+# changes, so every `up` deploys the code as it is and a changed tree never reuses an old tag.
+image_tag() {
+  local revision tree index
+  revision=$(git rev-parse --short=12 HEAD)
+  if [[ -z $(git status --porcelain --untracked-files=normal) ]]; then echo "$revision"; return; fi
+  index=$(mktemp)
+  cp "$(git rev-parse --git-path index)" "$index"
+  tree=$(GIT_INDEX_FILE=$index git add -A && GIT_INDEX_FILE=$index git write-tree)
+  rm -f "$index"
+  echo "$revision-${tree:0:8}-dirty"
+}
+
+# Object names as the release really has them, found by the chart's labels (fullname overrides and
+# truncation included), not guessed from the release name.
+component_object() {  # KIND COMPONENT
+  local name
+  name=$(k get "$1" -l "app.kubernetes.io/instance=$RELEASE,app.kubernetes.io/component=$2" \
+    -o jsonpath='{.items[*].metadata.name}')
+  name=${name%% *}
+  [[ -n $name ]] || die "no $1 of component $2 in release $RELEASE (namespace $NAMESPACE, context $CONTEXT)"
+  echo "$name"
+}
+
 build_images() {
+  local component
   for component in gateway inference; do
     say "building inferencehub-$component:$TAG"
     docker build -f "Dockerfile.$component" -t "inferencehub-$component:$TAG" .
@@ -31,6 +73,7 @@ build_images() {
 }
 
 load_images() {
+  local component
   for component in gateway inference; do
     if [[ $PLATFORM == kind ]]; then
       kind load docker-image "inferencehub-$component:$TAG" --name "$CLUSTER"
@@ -40,42 +83,71 @@ load_images() {
   done
 }
 
+metrics_server() {
+  say "installing metrics-server (for the HPA)"
+  kubectl --context "$CONTEXT" apply -f "$METRICS_SERVER"
+  # kind's kubelets serve self-signed certificates: add the flag once (apply resets the args to the manifest's).
+  local args
+  args=$(kubectl --context "$CONTEXT" -n kube-system get deployment metrics-server \
+    -o jsonpath='{.spec.template.spec.containers[0].args}')
+  if [[ $args != *--kubelet-insecure-tls* ]]; then
+    kubectl --context "$CONTEXT" -n kube-system patch deployment metrics-server --type=json \
+      --patch-file k8s/metrics-server-patch.yaml
+  fi
+  kubectl --context "$CONTEXT" -n kube-system rollout status deployment/metrics-server --timeout=180s
+}
+
 install_chart() {
-  say "installing the chart as release $RELEASE"
-  helm upgrade --install "$RELEASE" charts/inferencehub --namespace "$NAMESPACE" --wait --timeout 5m
-  kubectl -n "$NAMESPACE" get pods -l app.kubernetes.io/instance="$RELEASE" -o wide
+  say "installing the chart as release $RELEASE in namespace $NAMESPACE (context $CONTEXT, images :$TAG)"
+  h upgrade --install "$RELEASE" charts/inferencehub --create-namespace --wait --timeout 5m \
+    --set "gateway.image.tag=$TAG" --set "inference.image.tag=$TAG"
+  k get pods -l "app.kubernetes.io/instance=$RELEASE" -o wide
 }
 
 smoke() {
-  say "smoke test through kubectl port-forward"
-  kubectl -n "$NAMESPACE" port-forward "service/$RELEASE-gateway" 18080:8080 >/dev/null &
-  local forward=$!
-  trap 'kill $forward 2>/dev/null || true' RETURN
-  for _ in $(seq 50); do curl -sf http://127.0.0.1:18080/readyz >/dev/null && break; sleep 0.2; done
-  curl -sf http://127.0.0.1:18080/v2/models/iris/infer -H 'Content-Type: application/json' \
+  local gateway port url
+  gateway=$(component_object service gateway)
+  port=$(k get service "$gateway" -o jsonpath='{.spec.ports[?(@.name=="http")].port}')
+  say "smoke test through kubectl port-forward service/$gateway $LOCAL_PORT:$port"
+  # kubectl itself in the background (not the k function, whose subshell would be what $! names).
+  kubectl --context "$CONTEXT" --namespace "$NAMESPACE" port-forward "service/$gateway" "$LOCAL_PORT:$port" \
+    >/dev/null &
+  BACKGROUND+=($!)
+  url=http://127.0.0.1:$LOCAL_PORT
+  local deadline=$((SECONDS + 30))
+  until curl -sf "$url/readyz" >/dev/null; do
+    ((SECONDS < deadline)) || die "the port-forward to service/$gateway did not answer in 30 s"
+    kill -0 "${BACKGROUND[-1]}" 2>/dev/null || die "kubectl port-forward service/$gateway exited"
+    sleep 0.5
+  done
+  curl -sSf "$url/v2/models/iris/infer" -H 'Content-Type: application/json' \
     -d '{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [6.3, 3.3, 6.0, 2.5]}]}'
   echo
+  local _
   for _ in 1 2 3 4; do
-    curl -si http://127.0.0.1:18080/v2/models/mock/infer \
+    curl -sSfi "$url/v2/models/mock/infer" \
       -d '{"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}' \
       | grep -i '^x-inferencehub-replica'
   done
-  helm test "$RELEASE" --namespace "$NAMESPACE"
+  h test "$RELEASE"
 }
 
 up() {
-  need docker kubectl helm "$PLATFORM"
+  need docker kubectl helm git "$PLATFORM"
+  TAG=$(image_tag)
   if [[ $PLATFORM == kind ]]; then
-    kind get clusters | grep -qx "$CLUSTER" || kind create cluster --name "$CLUSTER" --config k8s/kind-cluster.yaml
+    local clusters
+    clusters=$(kind get clusters)
+    if ! grep -qx "$CLUSTER" <<<"$clusters"; then
+      kind create cluster --name "$CLUSTER" --config k8s/kind-cluster.yaml
+    fi
     build_images
     load_images
-    say "installing metrics-server (for the HPA)"
-    kubectl apply -f "$METRICS_SERVER"
-    kubectl -n kube-system patch deployment metrics-server --type=json --patch-file k8s/metrics-server-patch.yaml \
-      || true  # already patched
-    kubectl -n kube-system rollout status deployment/metrics-server --timeout=180s
+    metrics_server
   else
-    minikube -p "$CLUSTER" status >/dev/null 2>&1 || minikube start -p "$CLUSTER" --cpus 4 --memory 6g
+    if ! minikube -p "$CLUSTER" status >/dev/null 2>&1; then
+      minikube start -p "$CLUSTER" --cpus 4 --memory 6g
+    fi
     minikube -p "$CLUSTER" addons enable metrics-server
     build_images
     load_images
@@ -84,27 +156,47 @@ up() {
   smoke
 }
 
+# One line of HPA status, read structurally (jsonpath), printed the way `kubectl get hpa` shows targets
+# since Kubernetes 1.30: "cpu: 4%/60%".
+hpa_line() {  # HPA_NAME
+  local current target replicas desired phases cpu="<unknown>"
+  IFS='|' read -r current target replicas desired < <(k get hpa "$1" -o jsonpath='{.status.currentMetrics[?(@.type=="Resource")].resource.current.averageUtilization}|{.spec.metrics[?(@.type=="Resource")].resource.target.averageUtilization}|{.status.currentReplicas}|{.status.desiredReplicas}{"\n"}')
+  phases=$(k get pods -l "app.kubernetes.io/instance=$RELEASE,app.kubernetes.io/component=inference" \
+    -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' | sort | uniq -c | awk '{printf " %s %s", $1, $2}')
+  if [[ -n $current ]]; then cpu=$current%; fi
+  printf '%s  hpa %s  cpu: %s/%s%%  replicas %s (desired %s)  pods:%s\n' "$(date +%T)" "$1" \
+    "$cpu" "$target" "${replicas:-0}" "${desired:-0}" "$phases"
+}
+
 demo() {
   need kubectl
+  local hpa gateway image port
+  hpa=$(component_object hpa inference)
+  gateway=$(component_object service gateway)
+  port=$(k get service "$gateway" -o jsonpath='{.spec.ports[?(@.name=="http")].port}')
+  image=$(k get deployment "$(component_object deployment gateway)" \
+    -o jsonpath='{.spec.template.spec.containers[?(@.name=="gateway")].image}')
   say "HPA demo: mock-heavy load for up to ${DEMO_SECONDS}s (Ctrl-C stops watching; the Job runs on)"
-  kubectl -n "$NAMESPACE" delete job inferencehub-hpa-load --ignore-not-found
-  sed "s|http://inferencehub-gateway:8080|http://$RELEASE-gateway:8080|; s|inferencehub-gateway:0.1.0|inferencehub-gateway:$TAG|" \
-    k8s/hpa-load-job.yaml | kubectl -n "$NAMESPACE" apply -f -
+  k delete job "$LOAD_JOB" --ignore-not-found --wait
+  local manifest
+  manifest=$(sed -e "s|http://inferencehub-gateway:8080|http://$gateway:$port|" \
+    -e "s|image: inferencehub-gateway\$|image: $image|" k8s/hpa-load-job.yaml)
+  [[ $manifest == *"image: $image"* && $manifest == *"http://$gateway:$port"* ]] \
+    || die "k8s/hpa-load-job.yaml no longer has the image and URL lines this script rewrites"
+  k apply -f - <<<"$manifest"
   local end=$((SECONDS + DEMO_SECONDS))
   while ((SECONDS < end)); do
-    kubectl -n "$NAMESPACE" get hpa "$RELEASE-inference" --no-headers \
-      | awk -v t="$(date +%T)" '{printf "%s  hpa %s  targets %s  replicas %s\n", t, $1, $3, $6}'
-    kubectl -n "$NAMESPACE" get pods -l app.kubernetes.io/instance="$RELEASE",app.kubernetes.io/component=inference \
-      --no-headers | awk '{print $3}' | sort | uniq -c | tr '\n' ' '
-    echo
-    kubectl -n "$NAMESPACE" get job inferencehub-hpa-load -o jsonpath='{.status.succeeded}' | grep -q 1 && break
+    hpa_line "$hpa"
+    [[ $(k get job "$LOAD_JOB" -o jsonpath='{.status.succeeded}') == 1 ]] && break
+    [[ $(k get job "$LOAD_JOB" -o jsonpath='{.status.failed}') =~ ^[1-9] ]] && die "the load Job failed"
     sleep 10
   done
   say "the load Job's summary (see the share each replica served)"
-  kubectl -n "$NAMESPACE" logs job/inferencehub-hpa-load | tail -n 12
+  k logs "job/$LOAD_JOB" --tail 12
 }
 
 down() {
+  need "$PLATFORM"
   if [[ $PLATFORM == kind ]]; then kind delete cluster --name "$CLUSTER"; else minikube delete -p "$CLUSTER"; fi
 }
 
@@ -112,5 +204,5 @@ case "$PLATFORM:$STEP" in
   kind:up | minikube:up) up ;;
   kind:demo | minikube:demo) demo ;;
   kind:down | minikube:down) down ;;
-  *) sed -n '2,11p' "$0"; exit 2 ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
 esac

@@ -21,6 +21,7 @@ CHART = ROOT / "charts" / "inferencehub"
 TOOLS = ROOT / ".cache" / "tools"
 HELMS = {"helm3": TOOLS / "helm-3" / "helm", "helm4": TOOLS / "helm-4" / "helm"}
 NAMESPACE = "demo"
+PARTS = ("gateway", "inference")
 RELEASE = "inferencehub"
 KUBERNETES = ["1.29.0", "1.37.0"]  # the oldest supported and the newest bundled schemas
 
@@ -53,7 +54,28 @@ VALUE_SETS = {
         "--set-json",
         json.dumps(MODELS_VALUES["inference"]["models"]).join(["inference.models=", ""]),
     ],
+    # Every optional object and pod setting at once.
+    "everything": [
+        "--set",
+        "networkPolicy.enabled=true,gateway.autoscaling.enabled=true,gateway.ingress.enabled=true",
+        "--set",
+        "gateway.httpRoute.enabled=true,gateway.httpRoute.timeouts.request=40s,gateway.ingress.className=nginx",
+        "--set",
+        "gateway.priorityClassName=high,inference.priorityClassName=high,serviceMonitor.enabled=true",
+        "--set-json",
+        'imagePullSecrets=[{"name": "regcred"}]',
+        "--set-json",
+        'gateway.podAnnotations={"example.com/team": "ml"}',
+        "--set-json",
+        'inference.podLabels={"example.com/tier": "compute"}',
+        "--set-json",
+        'networkPolicy.gateway.from=[{"namespaceSelector": {"matchLabels": {"ingress": "true"}}}]',
+        "--set-json",
+        'gateway.ingress.tls=[{"hosts": ["inferencehub.example.com"], "secretName": "tls"}]',
+    ],
 }
+# Custom resources kubernetes-validate has no schema for, checked structurally instead.
+CUSTOM_RESOURCES = ("monitoring.coreos.com/", "gateway.networking.k8s.io/")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -107,7 +129,28 @@ def test_every_object_passes_strict_schema_validation(rendered, values, kubernet
         if obj["apiVersion"].startswith("monitoring.coreos.com/"):
             assert obj["kind"] == "ServiceMonitor" and obj["spec"]["endpoints"][0]["path"] == "/metrics"
             continue
+        if obj["apiVersion"].startswith("gateway.networking.k8s.io/"):
+            check_http_route(obj)
+            continue
         kubernetes_validate.validate(obj, kubernetes, strict=True)
+
+
+def check_http_route(route: dict) -> None:
+    """The fields of gateway.networking.k8s.io/v1 HTTPRoute the chart writes, as the v1 CRD defines them."""
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1" and route["kind"] == "HTTPRoute"
+    spec = route["spec"]
+    assert set(spec) <= {"parentRefs", "hostnames", "rules"}
+    assert spec["parentRefs"] and all(
+        set(ref) <= {"group", "kind", "name", "namespace", "sectionName", "port"} for ref in spec["parentRefs"]
+    )
+    for rule in spec["rules"]:
+        assert set(rule) <= {"matches", "backendRefs", "timeouts", "filters"}
+        for match in rule["matches"]:
+            assert match["path"]["type"] in ("PathPrefix", "Exact") and match["path"]["value"].startswith("/")
+        for ref in rule["backendRefs"]:
+            assert set(ref) == {"name", "port"} and 1 <= ref["port"] <= 65535
+        for key, value in rule.get("timeouts", {}).items():
+            assert key in ("request", "backendRequest") and re.fullmatch(r"([0-9]{1,5}(h|m|s|ms)){1,4}", value)
 
 
 def test_the_value_sets_render_what_they_turn_on(rendered):
@@ -123,6 +166,38 @@ def test_the_value_sets_render_what_they_turn_on(rendered):
     deployment = one(rendered["hpa-off"], "Deployment", "inference")
     assert deployment["spec"]["replicas"] == 2
     assert "replicas" not in one(rendered["defaults"], "Deployment", "inference")["spec"]
+    everything = rendered["everything"]
+    assert {o["kind"] for o in everything} >= {"Ingress", "HTTPRoute", "NetworkPolicy", "ServiceAccount"}
+    assert {one(everything, "HorizontalPodAutoscaler", c)["spec"]["scaleTargetRef"]["name"] for c in PARTS} == {
+        one(everything, "Deployment", c)["metadata"]["name"] for c in PARTS
+    }
+    assert {one(everything, "NetworkPolicy", c)["metadata"]["name"] for c in PARTS}
+    gateway_service = one(everything, "Service", "gateway")
+    ingress = by_kind(everything, "Ingress")[0]
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": gateway_service["metadata"]["name"], "port": {"name": "http"}}
+    assert ingress["spec"]["ingressClassName"] == "nginx" and ingress["spec"]["tls"][0]["secretName"] == "tls"
+    route = by_kind(everything, "HTTPRoute")[0]
+    assert route["spec"]["rules"][0]["backendRefs"] == [
+        {"name": gateway_service["metadata"]["name"], "port": gateway_service["spec"]["ports"][0]["port"]}
+    ]
+    gateway_policy = one(everything, "NetworkPolicy", "gateway")
+    assert gateway_policy["spec"]["ingress"][0]["from"] == [{"namespaceSelector": {"matchLabels": {"ingress": "true"}}}]
+    account = by_kind(everything, "ServiceAccount")[0]
+    for component in PARTS:
+        pod = one(everything, "Deployment", component)["spec"]["template"]
+        assert pod["spec"]["serviceAccountName"] == account["metadata"]["name"]
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["spec"]["priorityClassName"] == "high"
+    assert one(everything, "Deployment", "gateway")["spec"]["template"]["metadata"]["annotations"] == {
+        "example.com/team": "ml"
+    }
+    assert one(everything, "Deployment", "inference")["spec"]["template"]["metadata"]["labels"]["example.com/tier"] == (
+        "compute"
+    )
+    for pod in by_kind(everything, "Pod"):  # helm test pods pull from the same registry
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["spec"]["serviceAccountName"] == account["metadata"]["name"]
 
 
 @pytest.mark.parametrize("values", VALUE_SETS)
@@ -186,10 +261,18 @@ def test_policies(rendered, values):
 
     for hpa in by_kind(objects, "HorizontalPodAutoscaler"):
         target = hpa["spec"]["scaleTargetRef"]
-        inference_deployment = one(objects, "Deployment", "inference")
-        assert (target["kind"], target["name"]) == ("Deployment", inference_deployment["metadata"]["name"])
-        assert hpa["spec"]["behavior"]["scaleUp"] and hpa["spec"]["behavior"]["scaleDown"]
+        component = hpa["metadata"]["labels"]["app.kubernetes.io/component"]
+        deployment = one(objects, "Deployment", component)
+        assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+        assert "replicas" not in deployment["spec"]  # the HPA owns the count
+        assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+        if component == "inference":
+            assert hpa["spec"]["behavior"]["scaleUp"] and hpa["spec"]["behavior"]["scaleDown"]
     for policy in by_kind(objects, "NetworkPolicy"):
+        if policy["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway":
+            assert policy["spec"]["podSelector"]["matchLabels"].items() <= pods["gateway"]["metadata"]["labels"].items()
+            assert [p["port"] for p in policy["spec"]["ingress"][0]["ports"]] == ["http"]
+            continue
         allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
         assert allowed.items() <= pods["gateway"]["metadata"]["labels"].items()
         assert policy["spec"]["podSelector"]["matchLabels"].items() <= pods["inference"]["metadata"]["labels"].items()
@@ -409,7 +492,16 @@ def test_kind_path_files():
 
     args = build_parser().parse_args(container["args"])
     assert args.model == "mock-heavy" and args.url == f"http://{RELEASE}-gateway:8080"
-    assert container["image"].startswith("inferencehub-gateway:")
+    # The bare name skaffold's hpa-demo profile replaces with the image it built (k8s.sh sets the deployed one).
+    assert container["image"] == "inferencehub-gateway"
+    skaffold = yaml.safe_load((ROOT / "skaffold.yaml").read_text())
+    assert container["image"] in {a["image"] for a in skaffold["build"]["artifacts"]}
+    demo = next(p for p in skaffold["profiles"] if p["name"] == "hpa-demo")
+    assert demo["manifests"]["rawYaml"] == ["k8s/hpa-load-job.yaml"]
+    assert {"op": "add", "path": "/deploy/kubectl", "value": {}} in demo["patches"]
+    adapter = yaml.safe_load((ROOT / "k8s" / "prometheus-adapter-values.yaml").read_text())
+    assert adapter["prometheus"]["url"].startswith("http") and adapter["prometheus"]["port"] == 9090
+    assert adapter["rules"]["custom"][0]["name"]["as"] == "inferencehub_inference_in_flight_requests"
     patch = yaml.safe_load((ROOT / "k8s" / "metrics-server-patch.yaml").read_text())
     assert patch[0]["value"] == "--kubelet-insecure-tls"
     script = ROOT / "scripts" / "k8s.sh"
@@ -420,3 +512,177 @@ def test_kind_path_files():
     for target in ("kind-up", "kind-demo", "kind-down", "minikube-up"):
         assert target in makefile
     assert shlex.split("scripts/k8s.sh kind up")  # the README's command form
+
+
+# --- names, invariants and production defaults -----------------------------------------------
+
+DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+LONG_RELEASES = [
+    "a" * 53,  # the longest name Helm accepts
+    "x" * 30 + "-inferencehub-" + "y" * 9,  # contains the chart's name: the base, then cut like any other
+    "team-a-inferencehub",  # contains the chart's name and is short: used as it is
+    "a" * 40 + "b" * 13,  # shares its first 40 characters with the first: must not collide
+]
+
+
+def check_names(objects: list[dict]) -> None:
+    for obj in objects:
+        name = obj["metadata"]["name"]
+        assert len(name) <= 63 and DNS_1123_LABEL.fullmatch(name), (obj["kind"], name)
+        if obj["kind"] == "Service":
+            assert DNS_1035_LABEL.fullmatch(name), name
+        label_sets = [obj["metadata"].get("labels", {})]
+        template = obj.get("spec", {}).get("template", {}).get("metadata")
+        if template:
+            label_sets.append(template["labels"])
+        selector = obj.get("spec", {}).get("selector", {})
+        label_sets.append(selector.get("matchLabels", selector if obj["kind"] == "Service" else {}))
+        for labels in label_sets:
+            for key, value in labels.items():
+                prefix, _, key_name = key.rpartition("/")
+                assert len(key_name) <= 63 and LABEL_NAME.fullmatch(key_name), key
+                assert len(prefix) <= 253, key
+                assert len(str(value)) <= 63 and LABEL_VALUE.fullmatch(str(value)), (key, value)
+
+
+@pytest.mark.parametrize("release", LONG_RELEASES)
+def test_every_name_fits_for_the_longest_release_names(release):
+    assert len(release) <= 53
+    objects = [
+        doc
+        for doc in yaml.safe_load_all(
+            helm("helm3", "template", release, str(CHART), "--namespace", NAMESPACE, *VALUE_SETS["everything"]).stdout
+        )
+        if doc
+    ]
+    check_names(objects)
+    for obj in objects:
+        if not obj["apiVersion"].startswith(CUSTOM_RESOURCES):
+            kubernetes_validate.validate(obj, KUBERNETES[0], strict=True)
+    if release == "team-a-inferencehub":
+        assert one(objects, "Service", "gateway")["metadata"]["name"] == f"{release}-gateway"
+
+
+def test_long_release_names_that_share_a_prefix_get_different_names():
+    names = set()
+    for release in (LONG_RELEASES[0], LONG_RELEASES[2]):
+        out = helm("helm3", "template", release, str(CHART), "--namespace", NAMESPACE).stdout
+        names.add(one([d for d in yaml.safe_load_all(out) if d], "Service", "gateway")["metadata"]["name"])
+    assert len(names) == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "fullnameOverride=" + "f" * 63],
+        ["--set", "nameOverride=" + "n" * 63],
+        ["--set", "fullnameOverride=hub"],
+    ],
+)
+def test_name_overrides_are_kept_short_enough(args):
+    objects = [d for d in yaml.safe_load_all(helm("helm3", "template", "r", str(CHART), *args).stdout) if d]
+    check_names(objects)
+    if args[1] == "fullnameOverride=hub":
+        assert one(objects, "Service", "gateway")["metadata"]["name"] == "hub-gateway"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--set", "inference.graceSeconds=40"],
+            "inference: preStopSeconds + drainSeconds + graceSeconds (45 s) must be less than "
+            "terminationGracePeriodSeconds (40 s)",
+        ),
+        (
+            ["--set", "gateway.terminationGracePeriodSeconds=37"],
+            "gateway: preStopSeconds + drainSeconds + graceSeconds (37 s) must be less than",
+        ),
+        (
+            ["--set", "gateway.deadlineSeconds=31"],
+            "gateway.graceSeconds (30 s) is shorter than gateway.deadlineSeconds (31 s)",
+        ),
+        (
+            ["--set", "inference.graceSeconds=20"],
+            "inference.graceSeconds (20 s) is shorter than gateway.deadlineSeconds (30 s)",
+        ),
+        (
+            ["--set", "inference.autoscaling.minReplicas=7"],
+            "inference.autoscaling: minReplicas (7) is greater than maxReplicas (6)",
+        ),
+        (
+            ["--set", "gateway.autoscaling.enabled=true,gateway.autoscaling.maxReplicas=1"],
+            "gateway.autoscaling: minReplicas (2) is greater than maxReplicas (1)",
+        ),
+        (["--set", "gateway.pdb.maxUnavailable=0"], "gateway.pdb.maxUnavailable is 0: every node drain would block"),
+        (
+            ["--set", "inference.pdb.minAvailable=2"],
+            "inference.pdb.minAvailable (2) leaves no pod to evict with 2 replicas",
+        ),
+        (
+            ["--set", "inference.autoscaling.enabled=false,inference.replicas=3,inference.pdb.minAvailable=100%"],
+            "inference.pdb.minAvailable (100%) leaves no pod to evict",
+        ),
+    ],
+)
+def test_broken_invariants_fail_at_render_time(args, message):
+    for version in HELMS:
+        done = helm(version, "template", RELEASE, str(CHART), *args, check=False)
+        assert done.returncode != 0 and message in done.stderr, (version, args, done.stderr)
+
+
+def test_the_defaults_sit_inside_the_invariants():
+    # The boundaries themselves render: grace equal to the deadline, a budget leaving one pod to evict.
+    helm("helm3", "template", RELEASE, str(CHART), "--set", "inference.pdb.minAvailable=1")
+    helm("helm3", "template", RELEASE, str(CHART), "--set", "gateway.deadlineSeconds=30")
+
+
+def test_chart_declares_the_kubernetes_versions_it_is_validated_for():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == f">={KUBERNETES[0]}-0"
+    done = helm("helm3", "template", RELEASE, str(CHART), "--kube-version", "1.28.0", check=False)
+    assert done.returncode != 0 and "kubeVersion" in done.stderr
+
+
+def test_production_defaults(rendered):
+    objects = rendered["defaults"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    gateway = one(objects, "Deployment", "gateway")
+    assert gateway["spec"]["replicas"] == 2
+    assert one(objects, "PodDisruptionBudget", "gateway")["spec"]["maxUnavailable"] == 1
+    for component in PARTS:
+        deployment = one(objects, "Deployment", component)
+        template = deployment["spec"]["template"]
+        # Pod template labels do not change with the chart or app version: a chart bump restarts nothing.
+        assert set(template["metadata"]["labels"]) <= {
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+            "app.kubernetes.io/component",
+            f"{RELEASE}-inference-client",
+        }
+        spread = template["spec"]["topologySpreadConstraints"]
+        assert {c["topologyKey"] for c in spread} == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+        for constraint in spread:
+            assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+            assert constraint["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+        container = template["spec"]["containers"][0]
+        live, ready = container["livenessProbe"], container["readinessProbe"]
+        # Liveness survives saturation: a longer timeout than readiness, and half a minute before a restart.
+        assert live["timeoutSeconds"] >= 5 > ready["timeoutSeconds"]
+        assert live["periodSeconds"] * live["failureThreshold"] >= 30
+    # The gateway's memory holds a maximal body several times over (decoded JSON and the gRPC copy).
+    env = {e["name"]: e.get("value") for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    body = int(env["INFERENCEHUB_MAX_BODY_BYTES"])
+    assert body == values["gateway"]["maxBodyBytes"]
+    limit = gateway["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    units = {"Mi": 2**20, "Gi": 2**30}
+    assert int(limit[:-2]) * units[limit[-2:]] >= 8 * body
+    # The gateway's deadline fits inside both components' grace.
+    deadline = float(env["INFERENCEHUB_DEADLINE_SECONDS"])
+    for component in PARTS:
+        container = one(objects, "Deployment", component)["spec"]["template"]["spec"]["containers"][0]
+        grace = next(float(e["value"]) for e in container["env"] if e["name"] == "INFERENCEHUB_GRACE_SECONDS")
+        assert deadline <= grace

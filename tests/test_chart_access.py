@@ -191,9 +191,9 @@ def test_tls_wiring_secrets_mounts_env_probes(rendered, values):
     mtls = tests[f"{RELEASE}-test-grpc-mtls"]
     assert mtls["spec"]["volumes"][0]["secret"]["secretName"] == gateway_name
     assert "secure_channel" in mtls["spec"]["containers"][0]["args"][0]
-    for policy in by_kind(objects, "NetworkPolicy"):
-        open_ports = [p["port"] for rule in policy["spec"]["ingress"] if "from" not in rule for p in rule["ports"]]
-        assert "health" in open_ports and "grpc" not in open_ports
+    (policy,) = [p for p in by_kind(objects, "NetworkPolicy") if p["metadata"]["name"].endswith("-inference")]
+    open_ports = [p["port"] for rule in policy["spec"]["ingress"] if "from" not in rule for p in rule["ports"]]
+    assert "health" in open_ports and "grpc" not in open_ports
 
 
 @pytest.mark.parametrize("values", ["keys", "keys-existing-secret", "all-on"])

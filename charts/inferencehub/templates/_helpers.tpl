@@ -1,25 +1,99 @@
-{{/* The release's base name for every object. */}}
-{{- define "inferencehub.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
-{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
-{{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
-{{- end -}}
+{{/*
+The release's base name for every object: fullnameOverride, or "<release>-<name>" (just the release name when it
+already contains the chart's name). It is kept to 44 characters, so that the longest derived name
+("<base>-inference-headless", and the label key "<base>-inference-client") still fits the 63 characters of a
+DNS label and a label key: a longer base is cut to 35 characters plus "-" and 8 characters of its sha256, so two
+long release names that share a prefix still get different names.
+*/}}
+{{- define "inferencehub.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* Labels that select one component's pods. */}}
+{{- define "inferencehub.fullname" -}}
+{{- $name := include "inferencehub.name" . -}}
+{{- $full := "" -}}
+{{- if .Values.fullnameOverride -}}
+{{- $full = .Values.fullnameOverride -}}
+{{- else if contains $name .Release.Name -}}
+{{- $full = .Release.Name -}}
+{{- else -}}
+{{- $full = printf "%s-%s" .Release.Name $name -}}
+{{- end -}}
+{{- if gt (len $full) 44 -}}
+{{- $full = printf "%s-%s" ($full | trunc 35 | trimSuffix "-") ($full | sha256sum | trunc 8) -}}
+{{- end -}}
+{{- $full | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels that select one component's pods: fixed for the life of a release. */}}
 {{- define "inferencehub.selectorLabels" -}}
-app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/name: {{ include "inferencehub.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
-{{/* Standard labels plus the component. */}}
+{{/* Standard labels plus the component, for objects (not pod templates: a chart bump must not restart pods). */}}
 {{- define "inferencehub.labels" -}}
 {{ include "inferencehub.selectorLabels" . }}
 app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .root.Release.Service }}
-helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end -}}
+
+{{/* A component's pod template metadata: selector labels, the user's pod labels and annotations. */}}
+{{- define "inferencehub.podMetadata" -}}
+{{- $values := index .root.Values .component -}}
+labels:
+  {{- include "inferencehub.selectorLabels" . | nindent 2 }}
+  {{- with $values.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  {{- if eq .component "gateway" }}
+  {{- include "inferencehub.clientLabel" .root | nindent 2 }}
+  {{- end }}
+{{- if or $values.podAnnotations .annotations }}
+annotations:
+  {{- with $values.podAnnotations }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  {{- with .annotations }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod-level settings both components share: service account, pull secrets, priority, spreading. */}}
+{{- define "inferencehub.podCommon" -}}
+{{- $values := index .root.Values .component -}}
+serviceAccountName: {{ include "inferencehub.serviceAccountName" .root }}
+automountServiceAccountToken: false
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- if $values.topologySpread.enabled }}
+topologySpreadConstraints:
+  {{- range $values.topologySpread.topologyKeys }}
+  - maxSkew: {{ $values.topologySpread.maxSkew }}
+    topologyKey: {{ . }}
+    whenUnsatisfiable: {{ $values.topologySpread.whenUnsatisfiable }}
+    labelSelector:
+      matchLabels:
+        {{- include "inferencehub.selectorLabels" $ | nindent 8 }}
+    matchLabelKeys: [pod-template-hash]
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "inferencehub.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "inferencehub.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
 {{- end -}}
 
 {{/* A component's image: registry prefix, repository, tag (default: appVersion). */}}
@@ -64,5 +138,44 @@ capabilities:
 {{- range $name, $value := . }}
 - name: {{ $name }}
   value: {{ $value | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The replicas a component keeps at least: the HPA's minimum when it scales, else its replica count. */}}
+{{- define "inferencehub.minReplicas" -}}
+{{- $values := index .root.Values .component -}}
+{{- if $values.autoscaling.enabled -}}{{ $values.autoscaling.minReplicas }}{{- else -}}{{ $values.replicas }}{{- end -}}
+{{- end -}}
+
+{{/*
+Invariants the schema cannot express, checked at render time (helm install/upgrade/template fail with the message).
+*/}}
+{{- define "inferencehub.validate" -}}
+{{- range $component := list "gateway" "inference" }}
+{{- $v := index $.Values $component }}
+{{- $stop := addf $v.preStopSeconds $v.drainSeconds $v.graceSeconds }}
+{{- if ge (float64 $stop) (float64 $v.terminationGracePeriodSeconds) }}
+{{- fail (printf "%s: preStopSeconds + drainSeconds + graceSeconds (%v s) must be less than terminationGracePeriodSeconds (%v s), or pods are killed mid-drain" $component $stop $v.terminationGracePeriodSeconds) }}
+{{- end }}
+{{- if gt (float64 $.Values.gateway.deadlineSeconds) (float64 $v.graceSeconds) }}
+{{- fail (printf "%s.graceSeconds (%v s) is shorter than gateway.deadlineSeconds (%v s): calls still allowed to run would be cut on every rollout" $component $v.graceSeconds $.Values.gateway.deadlineSeconds) }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
+{{- fail (printf "%s.autoscaling: minReplicas (%v) is greater than maxReplicas (%v)" $component $v.autoscaling.minReplicas $v.autoscaling.maxReplicas) }}
+{{- end }}
+{{- if $v.pdb.enabled }}
+{{- $min := int (include "inferencehub.minReplicas" (dict "root" $ "component" $component)) }}
+{{- if hasKey $v.pdb "minAvailable" }}
+{{- $m := toString $v.pdb.minAvailable }}
+{{- if or (eq $m "100%") (and (not (hasSuffix "%" $m)) (ge (int $m) $min)) }}
+{{- fail (printf "%s.pdb.minAvailable (%s) leaves no pod to evict with %d replicas: every node drain would block" $component $m $min) }}
+{{- end }}
+{{- else }}
+{{- $m := toString $v.pdb.maxUnavailable }}
+{{- if or (eq $m "0") (eq $m "0%") }}
+{{- fail (printf "%s.pdb.maxUnavailable is %s: every node drain would block" $component $m) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end -}}

@@ -21,11 +21,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import inferencehub
 from inferencehub import logs
 from inferencehub.errors import InferenceHubError, InvalidInput
-from inferencehub.gateway import rest
+from inferencehub.gateway import rest, statistics
 from inferencehub.gateway.http_errors import error_response, upstream_error_response
 from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.gateway.openapi import openapi_document
-from inferencehub.gateway.upstream import Upstream, UpstreamError
+from inferencehub.gateway.replicas import ReplicaSet
+from inferencehub.gateway.upstream import Upstream, UpstreamError, channel_options
 from inferencehub.metadata import REPLICA_KEY
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.settings import GatewaySettings
@@ -48,6 +49,7 @@ SETTINGS = web.AppKey("settings", GatewaySettings)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 STATE = web.AppKey("state", GatewayState)
 UPSTREAM = web.AppKey("upstream", Upstream)
+REPLICAS = web.AppKey("replicas", ReplicaSet)
 
 
 class StartupError(InferenceHubError):
@@ -191,6 +193,20 @@ async def model_ready(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "ready": response.ready}, status=200 if response.ready else 503)
 
 
+async def model_statistics(request: web.Request) -> web.Response:
+    """Triton's statistics extension, summed over every replica (see ``gateway.statistics``)."""
+    name, version = request.match_info.get("model", ""), request.match_info.get("version", "")
+    body, headers = await statistics.gather(
+        request.app[REPLICAS],
+        request.app[UPSTREAM],
+        name,
+        version,
+        request_id=logs.request_id.get(),
+        timeout=deadline(request),
+    )
+    return web.json_response(body, headers=headers)
+
+
 async def infer(request: web.Request) -> web.Response:
     name, version = model_and_version(request)
     encoding = request.headers.get("Content-Encoding", "identity").lower()
@@ -214,12 +230,14 @@ def routes() -> list[web.RouteDef]:
         web.get("/v2", server_metadata),
         web.get("/v2/health/live", server_live),
         web.get("/v2/health/ready", server_ready),
+        web.get("/v2/models/stats", model_statistics),  # before /v2/models/{model}
     ]
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         table += [
             web.get(prefix, model_metadata),
             web.get(prefix + "/ready", model_ready),
             web.get(prefix + "/config", model_config),
+            web.get(prefix + "/stats", model_statistics),
             web.post(prefix + "/infer", infer),
         ]
     return table
@@ -230,8 +248,10 @@ def routes() -> list[web.RouteDef]:
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAM] = Upstream(app[SETTINGS], app[METRICS])
+    app[REPLICAS] = ReplicaSet(app[SETTINGS].upstream, channel_options(app[SETTINGS]))
     app[STATE].started = True
     yield
+    await app[REPLICAS].close()
     await app[UPSTREAM].close()
 
 

@@ -48,6 +48,13 @@ def _model_paths(prefix: str) -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object"}, "configuration"), **_errors(404, 503, 504)},
             }
         },
+        prefix + "/stats": {
+            "get": {
+                "summary": "Model statistics (Triton's extension), summed over every replica",
+                "parameters": params,
+                "responses": {"200": _json({"type": "object"}, "statistics"), **_errors(404, 503, 504)},
+            }
+        },
         prefix + "/ready": {
             "get": {
                 "summary": "Model readiness",
@@ -122,6 +129,12 @@ def openapi_document() -> dict[str, Any]:
             "/v2": {"get": {"summary": "Server metadata", "responses": {**plain, **_errors(503, 504)}}},
             "/v2/health/live": {"get": {"summary": "Server liveness", "responses": {**plain, **_errors(503)}}},
             "/v2/health/ready": {"get": {"summary": "Server readiness", "responses": {**plain, **_errors(503)}}},
+            "/v2/models/stats": {
+                "get": {
+                    "summary": "Statistics of every model (Triton's extension), summed over every replica",
+                    "responses": {**plain, **_errors(503, 504)},
+                }
+            },
             **_model_paths("/v2/models/{model}"),
             **_model_paths("/v2/models/{model}/versions/{version}"),
         },

@@ -18,7 +18,8 @@ from inferencehub import logs
 from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.inference.engine import Engine, ServedModel
 from inferencehub.inference.metrics import UNKNOWN_MODEL, InferenceMetrics
-from inferencehub.metadata import REPLICA_KEY, REQUEST_ID_KEY
+from inferencehub.inference.statistics import Timing
+from inferencehub.metadata import QUEUE_DEPTH_KEY, REPLICA_KEY, REQUEST_ID_KEY
 from inferencehub.model import ModelConfig
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -27,6 +28,8 @@ from inferencehub.tensors import DATATYPES, from_raw, from_values, to_raw, to_va
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# The protocol extensions this replica serves over gRPC (the gateway adds its HTTP-only ones).
+EXTENSIONS = ("model_configuration", "statistics")
 
 
 def decode_inputs(request: pb.ModelInferRequest, served: ServedModel) -> dict[str, np.ndarray]:
@@ -108,7 +111,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.replica_metadata = ((REPLICA_KEY, replica),)
 
     async def ServerLive(self, request, context):
-        context.set_trailing_metadata(self.replica_metadata)
+        # With the queue depth: the gateway's status page polls each replica with this call.
+        depth = sum(len(s.scheduler.queue) for s in self.engine.models.values() if s.scheduler is not None)
+        context.set_trailing_metadata((*self.replica_metadata, (QUEUE_DEPTH_KEY, str(depth))))
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
@@ -130,7 +135,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request, context):
         context.set_trailing_metadata(self.replica_metadata)
-        return pb.ServerMetadataResponse(name="inferencehub", version=inferencehub.__version__, extensions=[])
+        return pb.ServerMetadataResponse(
+            name="inferencehub", version=inferencehub.__version__, extensions=list(EXTENSIONS)
+        )
 
     async def ModelMetadata(self, request, context):
         config = (await self._served(request, context)).config
@@ -147,15 +154,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         config = (await self._served(request, context)).config
         return pb.ModelConfigResponse(config=model_config(config))
 
+    async def ModelStatistics(self, request, context):
+        """Triton's statistics extension: NOT_FOUND for a model or version that is not served."""
+        context.set_trailing_metadata(self.replica_metadata)
+        try:
+            stats = self.engine.statistics(request.name, request.version)
+        except InferenceHubError as exc:
+            await context.abort(exc.status, str(exc), self.replica_metadata)
+            raise
+        return pb.ModelStatisticsResponse(model_stats=[s.message() for s in stats])
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
-        model = request.model_name if request.model_name in self.engine.models else UNKNOWN_MODEL
+        timing = Timing(received=time.perf_counter_ns())
+        served = self.engine.models.get(request.model_name)
+        model = UNKNOWN_MODEL if served is None else request.model_name
         token = logs.request_id.set(caller_request_id(context, request.id))
         in_flight = self.metrics.in_flight.labels(model)
         in_flight.inc()
         context.set_trailing_metadata(self.replica_metadata)
         try:
-            response = await self._infer(request, context)
+            response = await self._infer(request, context, timing)
         except InferenceHubError as exc:
             code, message = exc.status, str(exc)
             log.warning("ModelInfer %s: %s: %s", request.model_name, code.name, exc)
@@ -172,6 +191,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             logs.request_id.reset(token)
         # Counted before the caller hears the outcome, so a scrape right after a call sees it.
         self._count(model, code, start)
+        if served is not None and served.stats is not None:
+            if code is grpc.StatusCode.OK:
+                served.stats.succeeded(timing, time.perf_counter_ns())
+            else:
+                served.stats.failed(timing, time.perf_counter_ns())
         if code is grpc.StatusCode.OK:
             return response
         await context.abort(code, message, self.replica_metadata)
@@ -180,13 +204,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics.requests.labels(model, code.name).inc()
         self.metrics.duration.labels(model).observe(time.perf_counter() - start)
 
-    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, timing: Timing
+    ) -> pb.ModelInferResponse:
         served = self.engine.get(request.model_name, request.model_version)
         inputs = decode_inputs(request, served)
+        timing.decoded = time.perf_counter_ns()
         specs = served.output_specs([o.name for o in request.outputs])
         remaining = context.time_remaining()
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        arrays = await self.engine.infer(served, inputs, specs, deadline)
+        arrays = await self.engine.infer(served, inputs, specs, deadline, timing)
         response = pb.ModelInferResponse(
             model_name=served.config.name, model_version=served.config.version, id=request.id
         )

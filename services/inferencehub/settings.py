@@ -16,6 +16,10 @@ from typing import Any, TypeVar
 ENV_PREFIX = "INFERENCEHUB_"
 T = TypeVar("T")
 _TYPES = {"int": int, "float": float, "str": str, "Path": Path}
+OTLP_HELP = (
+    "OTLP/HTTP endpoint for traces, e.g. http://otel-collector:4318 (empty: tracing off unless "
+    "OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is set)"
+)
 
 
 def setting(default: Any, help: str) -> Any:
@@ -64,6 +68,7 @@ class InferenceSettings:
     grace_seconds: float = setting(10.0, "time in-flight calls get to finish after the drain")
     max_connection_age_seconds: float = setting(30.0, "connections are closed after this age so clients re-resolve")
     max_connection_age_grace_seconds: float = setting(10.0, "time calls on an aged connection get to finish")
+    otlp_endpoint: str = setting("", OTLP_HELP)
     log_level: str = setting("info", "debug, info, warning or error")
 
 
@@ -85,6 +90,7 @@ class GatewaySettings:
     dns_refresh_seconds: float = setting(1.0, "shortest time between DNS re-resolutions of the upstream name")
     drain_seconds: float = setting(1.0, "on SIGTERM, time /readyz fails before the listener closes")
     grace_seconds: float = setting(10.0, "time in-flight requests get to finish after the drain")
+    otlp_endpoint: str = setting("", OTLP_HELP)
     log_level: str = setting("info", "debug, info, warning or error")
 
 

@@ -19,13 +19,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import inferencehub
-from inferencehub import logs
+from inferencehub import logs, tracing
 from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.gateway import rest, statistics
 from inferencehub.gateway.http_errors import error_response, upstream_error_response
 from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.gateway.openapi import openapi_document
 from inferencehub.gateway.replicas import ReplicaSet
+from inferencehub.gateway.traced import traced_requests
 from inferencehub.gateway.upstream import Upstream, UpstreamError, channel_options
 from inferencehub.metadata import REPLICA_KEY
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
@@ -50,6 +51,7 @@ METRICS = web.AppKey("metrics", GatewayMetrics)
 STATE = web.AppKey("state", GatewayState)
 UPSTREAM = web.AppKey("upstream", Upstream)
 REPLICAS = web.AppKey("replicas", ReplicaSet)
+TRACING = web.AppKey("tracing", object)  # a tracing.Tracing, or None when tracing is off
 
 
 class StartupError(InferenceHubError):
@@ -214,7 +216,9 @@ async def infer(request: web.Request) -> web.Response:
         return error_response(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
     body = await request.read()
     header_length = rest.parse_header_length(request.headers.get(rest.HEADER_LENGTH), len(body))
-    message, plan = rest.parse_infer_request(body, header_length, name, version)
+    tracer = request.app[TRACING]
+    with tracing.NULL if tracer is None else tracer.span("parse"):
+        message, plan = rest.parse_infer_request(body, header_length, name, version)
     response, replica = await call(request, "ModelInfer", message)
     payload, headers = rest.render_infer_response(response, plan)
     headers[REPLICA_KEY] = replica
@@ -247,16 +251,21 @@ def routes() -> list[web.RouteDef]:
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[UPSTREAM] = Upstream(app[SETTINGS], app[METRICS])
+    app[UPSTREAM] = Upstream(app[SETTINGS], app[METRICS], app[TRACING])
     app[REPLICAS] = ReplicaSet(app[SETTINGS].upstream, channel_options(app[SETTINGS]))
     app[STATE].started = True
     yield
     await app[REPLICAS].close()
     await app[UPSTREAM].close()
+    if app[TRACING] is not None:
+        app[TRACING].shutdown()
 
 
 def create_app(settings: GatewaySettings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[observe, errors])
+    tracer = tracing.setup("inferencehub-gateway", settings.otlp_endpoint)
+    middlewares = [observe, errors] if tracer is None else [traced_requests(tracer), observe, errors]
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
+    app[TRACING] = tracer
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics()
     app[STATE] = GatewayState()

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from inferencehub import tracing
 from inferencehub.errors import InferenceHubError
 from inferencehub.inference.engine import Engine, State
 from inferencehub.inference.metrics import InferenceMetrics
@@ -68,6 +69,7 @@ class InferenceServer:
     port: int
     metrics_port: int
     replica: str
+    tracing: tracing.Tracing | None = None
 
     @property
     def health_names(self) -> list[str]:
@@ -97,6 +99,8 @@ class InferenceServer:
         await self.engine.close()
         self.engine.workers.close()
         self.metrics.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
         log.info("replica %s stopped", self.replica)
 
 
@@ -125,12 +129,14 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     replica = settings.replica_name or f"{socket.gethostname()}:{port}"
 
     health = health_aio.HealthServicer()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, metrics, replica), server)
+    tracer = tracing.setup("inferencehub-inference", settings.otlp_endpoint)
+    servicer = InferenceServicer(engine, metrics, replica, tracer)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    instance = InferenceServer(settings, engine, metrics, server, health, port, metrics_port, replica)
+    instance = InferenceServer(settings, engine, metrics, server, health, port, metrics_port, replica, tracer)
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await instance.set_health(False)
     await server.start()

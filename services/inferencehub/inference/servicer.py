@@ -24,6 +24,7 @@ from inferencehub.model import ModelConfig
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from inferencehub.tensors import DATATYPES, from_raw, from_values, to_raw, to_values
+from inferencehub.tracing import REPLICA_ATTRIBUTE, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,11 @@ def caller_request_id(context: grpc.aio.ServicerContext, request_id: str = "") -
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, metrics: InferenceMetrics, replica: str) -> None:
+    def __init__(self, engine: Engine, metrics: InferenceMetrics, replica: str, tracing: Tracing | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.replica = replica
+        self.tracing = tracing
         # The replica's name travels in trailing metadata: initial metadata sent early would commit
         # the call, and a committed call is not retried elsewhere when this replica dies mid-call.
         self.replica_metadata = ((REPLICA_KEY, replica),)
@@ -170,6 +173,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         served = self.engine.models.get(request.model_name)
         model = UNKNOWN_MODEL if served is None else request.model_name
         token = logs.request_id.set(caller_request_id(context, request.id))
+        span = None if self.tracing is None else self._start_span(context)
         in_flight = self.metrics.in_flight.labels(model)
         in_flight.inc()
         context.set_trailing_metadata(self.replica_metadata)
@@ -180,6 +184,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             log.warning("ModelInfer %s: %s: %s", request.model_name, code.name, exc)
         except asyncio.CancelledError:
             self._count(model, grpc.StatusCode.CANCELLED, start)
+            if span is not None:
+                span.end()
             raise
         except Exception:
             code, message = grpc.StatusCode.INTERNAL, "internal error; the replica's log has the details"
@@ -196,9 +202,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 served.stats.succeeded(timing, time.perf_counter_ns())
             else:
                 served.stats.failed(timing, time.perf_counter_ns())
+        if span is not None:
+            self._end_span(span, timing, code)
         if code is grpc.StatusCode.OK:
             return response
         await context.abort(code, message, self.replica_metadata)
+
+    def _start_span(self, context: grpc.aio.ServicerContext):
+        """The replica's server span, continuing the caller's trace from the gRPC metadata."""
+        assert self.tracing is not None
+        parent = self.tracing.extract(dict(context.invocation_metadata() or ()))
+        span = self.tracing.tracer.start_span(
+            "ModelInfer", parent, kind=self.tracing.SERVER, attributes={REPLICA_ATTRIBUTE: self.replica}
+        )
+        logs.trace_id.set(self.tracing.trace_id(span))  # this call's task has a context of its own
+        return span
+
+    def _end_span(self, span, timing: Timing, code: grpc.StatusCode) -> None:
+        assert self.tracing is not None
+        from opentelemetry.trace import Status, StatusCode
+
+        self.tracing.replica_spans(span, timing)
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, code.name))
+        span.end()
 
     def _count(self, model: str, code: grpc.StatusCode, start: float) -> None:
         self.metrics.requests.labels(model, code.name).inc()

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,6 +27,7 @@ from inferencehub.gateway.http_errors import error_response, upstream_error_resp
 from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.gateway.openapi import openapi_document
 from inferencehub.gateway.replicas import ReplicaSet
+from inferencehub.gateway.status import Traffic, status
 from inferencehub.gateway.traced import traced_requests
 from inferencehub.gateway.upstream import Upstream, UpstreamError, channel_options
 from inferencehub.metadata import REPLICA_KEY
@@ -38,6 +40,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 DEADLINE_HEADER = "X-InferenceHub-Deadline-Ms"
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:/=+-]{1,128}$")
 BINARY_EXTENSION = "binary_tensor_data"
+UI_PAGE = (Path(__file__).parent / "ui" / "index.html").read_bytes()
 
 
 @dataclass
@@ -51,6 +54,7 @@ METRICS = web.AppKey("metrics", GatewayMetrics)
 STATE = web.AppKey("state", GatewayState)
 UPSTREAM = web.AppKey("upstream", Upstream)
 REPLICAS = web.AppKey("replicas", ReplicaSet)
+TRAFFIC = web.AppKey("traffic", Traffic)
 TRACING = web.AppKey("tracing", object)  # a tracing.Tracing, or None when tracing is off
 
 
@@ -71,6 +75,7 @@ async def observe(request: web.Request, handler) -> web.StreamResponse:
     route = request.match_info.route.resource
     template = route.canonical if route is not None else "unmatched"
     status = 499  # the client went away before an answer
+    response = None
     try:
         response = await handler(request)
         status = response.status
@@ -81,8 +86,12 @@ async def observe(request: web.Request, handler) -> web.StreamResponse:
         raise
     finally:
         metrics = request.app[METRICS]
+        elapsed = time.perf_counter() - start
         metrics.requests.labels(template, request.method, str(status)).inc()
-        metrics.duration.labels(template, request.method).observe(time.perf_counter() - start)
+        metrics.duration.labels(template, request.method).observe(elapsed)
+        if template.endswith("/infer"):  # the live page's last minute
+            replica = response.headers.get(REPLICA_KEY, "") if response is not None else ""
+            request.app[TRAFFIC].record(replica, elapsed, status >= 400)
         if status >= 400:
             log.info("%s %s -> %d", request.method, request.path, status)
         logs.request_id.reset(token)
@@ -209,6 +218,23 @@ async def model_statistics(request: web.Request) -> web.Response:
     return web.json_response(body, headers=headers)
 
 
+async def status_json(request: web.Request) -> web.Response:
+    """The live status (README: "Live status"): replicas, the last minute's traffic, latency, errors."""
+    replicas = request.app[REPLICAS]
+    first = replicas.poller is None or replicas.poller.done()
+    replicas.watch()
+    if first:
+        await replicas.poll_once()  # answer with each replica's health, not an empty list
+    state = request.app[STATE]
+    body = status(request.app[TRAFFIC], replicas, ready=state.started and not state.draining, draining=state.draining)
+    return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
+async def ui(request: web.Request) -> web.Response:
+    """The live page: static HTML and JS, no build step, reading /status.json every second."""
+    return web.Response(body=UI_PAGE, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+
 async def infer(request: web.Request) -> web.Response:
     name, version = model_and_version(request)
     encoding = request.headers.get("Content-Encoding", "identity").lower()
@@ -231,6 +257,8 @@ def routes() -> list[web.RouteDef]:
         web.get("/readyz", readyz),
         web.get("/metrics", metrics),
         web.get("/openapi.json", openapi),
+        web.get("/status.json", status_json),
+        web.get("/ui", ui),
         web.get("/v2", server_metadata),
         web.get("/v2/health/live", server_live),
         web.get("/v2/health/ready", server_ready),
@@ -269,6 +297,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics()
     app[STATE] = GatewayState()
+    app[TRAFFIC] = Traffic()
     app.cleanup_ctx.append(_upstream_ctx)
     app.add_routes(routes())
     return app

@@ -221,9 +221,8 @@ async def model_statistics(request: web.Request) -> web.Response:
 async def status_json(request: web.Request) -> web.Response:
     """The live status (README: "Live status"): replicas, the last minute's traffic, latency, errors."""
     replicas = request.app[REPLICAS]
-    first = replicas.poller is None or replicas.poller.done()
     replicas.watch()
-    if first:
+    if not replicas.views or any(v.checked == 0 for v in replicas.views.values()):
         await replicas.poll_once()  # answer with each replica's health, not an empty list
     state = request.app[STATE]
     body = status(request.app[TRAFFIC], replicas, ready=state.started and not state.draining, draining=state.draining)
@@ -281,6 +280,7 @@ def routes() -> list[web.RouteDef]:
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAM] = Upstream(app[SETTINGS], app[METRICS], app[TRACING])
     app[REPLICAS] = ReplicaSet(app[SETTINGS].upstream, channel_options(app[SETTINGS]))
+    app[REPLICAS].watch()  # a first look at the replicas, to learn each address's name early
     app[STATE].started = True
     yield
     await app[REPLICAS].close()

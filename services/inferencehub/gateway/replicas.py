@@ -6,10 +6,13 @@ replica's health and queue depth). ``ReplicaSet`` resolves the target itself (``
 address lists, ``dns:`` names and bare ``host:port``, as gRPC does), keeps one small channel per
 address, and on demand calls every address at once.
 
-While someone watches the status page, a poller asks each address once a second, with a short
+While someone watches the status page (and for the first ``WATCH_SECONDS`` after start, to learn
+each address's replica name early), a poller asks each address once a second, with a short
 deadline, for its ``grpc.health.v1`` status and (from ``ServerLive``'s trailing metadata) its name
 and queue depth. It stops by itself a little after the last status request, so an unwatched
-gateway spends nothing on it. At most ``MAX_ADDRESSES`` addresses are addressed.
+gateway spends nothing on it. At most ``MAX_ADDRESSES`` addresses are addressed. A replica name
+once learned for an address is kept while the address stays, so a replica that dies is still
+shown by name.
 """
 
 from __future__ import annotations

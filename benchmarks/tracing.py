@@ -112,4 +112,3 @@ def run(out: Path, quick: bool) -> str:
     fig.savefig(out / f"{NAME}.png", dpi=100)
     plt.close(fig)
     return verdict
-

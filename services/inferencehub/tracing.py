@@ -13,7 +13,8 @@ On, context travels as W3C ``traceparent`` (HTTP header in, gRPC metadata gatewa
 Spans: gateway ``<METHOD> <route>`` (server) > ``parse`` and ``upstream <Method>`` (client, with
 ``inferencehub.replica``); replica ``ModelInfer`` (server, with ``inferencehub.replica``) >
 ``queue``, ``batch`` (forming the batch, with ``inferencehub.batch_size``) and ``execute`` (the
-model call). Async jobs (issue #12) should open a span at submit and link it from execution.
+model call). Async jobs (issue #12): put ``inject()``'s pairs in the job message at submit, and start the
+execution span with ``links=tracing.link(pairs)``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,13 @@ class Tracing:
         carrier: dict[str, str] = {}
         self.propagator.inject(carrier)
         return tuple(carrier.items())
+
+    def link(self, carrier) -> list:
+        """Links to the context a message carried (``inject()``'s pairs): for work done later, e.g. async jobs."""
+        from opentelemetry.trace import Link, get_current_span
+
+        context = get_current_span(self.extract(dict(carrier))).get_span_context()
+        return [Link(context)] if context.is_valid else []
 
     def span(self, name: str, **kwargs):
         return self.tracer.start_as_current_span(name, **kwargs)

@@ -142,6 +142,13 @@ def test_one_request_is_one_trace_across_the_hop(traced):
         spans["queue"]["end"] <= spans["batch"]["start"] + 1 and spans["batch"]["end"] <= spans["execute"]["start"] + 1
     )
     assert set(collector.paths) == {"/v1/traces"}
+    # Probes, scrapes and the live page's polling make no spans.
+    for path in ("/healthz", "/metrics", "/status.json"):
+        assert gateway.request("GET", path).status == 200
+    assert gateway.request("GET", "/v2/models/digits").status == 200
+    wait_for(lambda: any(s["name"] == "GET /v2/models/{model}" for s in collector.spans), timeout=15, what="a span")
+    names = {s["name"] for s in collector.spans}
+    assert not names & {"GET /healthz", "GET /metrics", "GET /status.json"}, names
 
 
 def test_a_request_without_traceparent_starts_a_trace_and_logs_carry_its_id(traced):

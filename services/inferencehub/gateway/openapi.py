@@ -126,6 +126,13 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
+            "/status.json": {
+                "get": {
+                    "summary": "Live status: replicas' health and share of the last minute, latency, errors",
+                    "responses": plain,
+                }
+            },
+            "/ui": {"get": {"summary": "The live page (HTML)", "responses": {"200": {"description": "HTML"}}}},
             "/v2": {"get": {"summary": "Server metadata", "responses": {**plain, **_errors(503, 504)}}},
             "/v2/health/live": {"get": {"summary": "Server liveness", "responses": {**plain, **_errors(503)}}},
             "/v2/health/ready": {"get": {"summary": "Server readiness", "responses": {**plain, **_errors(503)}}},

@@ -1,7 +1,8 @@
 """The gateway's server span: only installed when tracing is on (``inferencehub.tracing``).
 
 It continues the caller's W3C ``traceparent`` (or starts a trace), names the span by route
-template, and puts the trace id on the request's log lines. Handlers add ``parse``, and
+template, and puts the trace id on the request's log lines. Probes, scrapes and the live page's
+polling (``UNTRACED``) make no spans: they would bury the traces worth reading. Handlers add ``parse``, and
 ``upstream`` adds the client span whose context travels to the replica in gRPC metadata.
 """
 
@@ -12,6 +13,8 @@ from aiohttp import web
 from inferencehub import logs
 from inferencehub.tracing import Tracing
 
+UNTRACED = frozenset({"/healthz", "/readyz", "/metrics", "/status.json", "/ui"})
+
 
 def traced_requests(tracing: Tracing):
     from opentelemetry.trace import Status, StatusCode
@@ -20,6 +23,8 @@ def traced_requests(tracing: Tracing):
     async def trace(request: web.Request, handler) -> web.StreamResponse:
         route = request.match_info.route.resource
         template = route.canonical if route is not None else "unmatched"
+        if template in UNTRACED:
+            return await handler(request)
         attributes = {"http.request.method": request.method, "http.route": template, "url.path": request.path}
         with tracing.span(
             f"{request.method} {template}",

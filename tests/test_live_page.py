@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 
-from conftest import SHIPPED, Gateway, Replica, wait_for
+from conftest import SHIPPED, Gateway, Replica, model_repository, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -26,14 +26,14 @@ IRIS_ROW = {"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.
 
 
 @pytest.fixture
-def system() -> Iterator[tuple[list[Replica], Gateway]]:
+def system(tmp_path) -> Iterator[tuple[list[Replica], Gateway]]:
+    # iris only: no model runs in worker processes, so killing a replica leaves no orphan behind.
+    models = str(model_repository(tmp_path / "models", SHIPPED / "iris"))
     replicas: list[Replica] = []
     gateway = None
     try:
         for name in ("page-a", "page-b"):
-            replicas.append(
-                Replica("--models", str(SHIPPED), "--replica-name", name, "--processes", "1", "--drain-seconds", "0")
-            )
+            replicas.append(Replica("--models", models, "--replica-name", name, "--drain-seconds", "0"))
         for r in replicas:
             r.wait_serving()
         gateway = Gateway(

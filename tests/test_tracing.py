@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import http.server
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -180,3 +183,26 @@ def test_a_request_without_traceparent_starts_a_trace_and_logs_carry_its_id(trac
 def test_tracing_off_by_default_logs_no_trace_ids(gateway, replica):
     gateway.request("POST", "/v2/models/digits/infer", {"inputs": [{**DIGITS_ROW, "datatype": "FP64"}]})
     assert "trace=" not in gateway.log and "trace=" not in replica.log
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--otlp-endpoint", "collector:4318"], {}, "expected an http:// or https:// URL"),
+        (
+            ["--otlp-endpoint", "http://127.0.0.1:4317"],
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            "OTEL_EXPORTER_OTLP_PROTOCOL=grpc: InferenceHub exports OTLP over http/protobuf only",
+        ),
+    ],
+)
+def test_a_tracing_configuration_that_cannot_work_stops_start_up_with_a_clear_error(args, env, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "inferencehub.gateway", "--host", "127.0.0.1", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr

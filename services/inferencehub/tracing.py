@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from inferencehub import logs
+from inferencehub.errors import InferenceHubError
 
 if TYPE_CHECKING:
     from inferencehub.inference.statistics import Timing
@@ -130,11 +131,30 @@ def _resource_from_env() -> dict[str, str]:
     return {"service.name": name} if name else {}
 
 
+class TracingConfigError(InferenceHubError):
+    """The tracing configuration cannot work (the process does not start)."""
+
+
+def check(base: str) -> None:
+    if not base.startswith(("http://", "https://")):
+        raise TracingConfigError(f"OTLP endpoint {base!r}: expected an http:// or https:// URL (OTLP/HTTP)")
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = os.environ.get(name)
+        if protocol:
+            if protocol != "http/protobuf":
+                raise TracingConfigError(
+                    f"{name}={protocol}: InferenceHub exports OTLP over http/protobuf only "
+                    "(a collector's OTLP/HTTP port, usually 4318)"
+                )
+            break
+
+
 def setup(service_name: str, configured: str) -> Tracing | None:
     """Tracing for this process, or None when no endpoint is configured (nothing is imported then)."""
     base = endpoint(configured)
     if base is None:
         return None
+    check(base)
     tracing = Tracing(service_name, traces_url(base))
     logs.show_trace_ids()
     return tracing

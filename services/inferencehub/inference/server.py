@@ -106,6 +106,7 @@ class InferenceServer:
 
 async def start(settings: InferenceSettings) -> InferenceServer:
     """Listen and report NOT_SERVING; the caller then awaits ``load()``."""
+    tracer = tracing.setup("inferencehub-inference", settings.otlp_endpoint)  # a bad configuration stops us here
     configs = load_repository(settings.models or SHIPPED_MODELS)
     processes = settings.processes or cpu_count()
     workers = Workers(settings.threads, processes, [c for c in configs if c.execution == "process"])
@@ -129,7 +130,6 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     replica = settings.replica_name or f"{socket.gethostname()}:{port}"
 
     health = health_aio.HealthServicer()
-    tracer = tracing.setup("inferencehub-inference", settings.otlp_endpoint)
     servicer = InferenceServicer(engine, metrics, replica, tracer)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import SHIPPED, Gateway, Replica
+from conftest import SHIPPED, Gateway, Replica, wait_for
 
 DURATIONS = ("queue", "compute_input", "compute_infer", "compute_output")
 
@@ -55,8 +55,16 @@ def as_ints(stats: dict) -> dict:
     return int(stats) if isinstance(stats, str) and stats.isdigit() else stats
 
 
+def both_replicas_answer(gateway: Gateway) -> bool:
+    """True once the gateway's channel has sent calls to both replicas (so round robin spreads what follows)."""
+    gateway.request("GET", "/v2/health/live")
+    text = gateway.request("GET", "/metrics").body.decode()
+    return all(f'method="ServerLive",replica="{name}"' in text for name in ("stats-a", "stats-b"))
+
+
 def test_statistics_count_what_was_sent(pair):
     a, b, gateway = pair
+    wait_for(lambda: both_replicas_answer(gateway), timeout=10, what="both replicas in the gateway's rotation")
     http = httpclient.InferenceServerClient(gateway.url)
     client_ns = 0
     for _ in range(6):

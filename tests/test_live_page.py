@@ -67,6 +67,13 @@ def upstream_counts(gateway: Gateway) -> dict[str, int]:
     return {name: int(float(value)) for name, value in re.findall(pattern, text)}
 
 
+def both_replicas_answer(gateway: Gateway) -> bool:
+    """True once the gateway's channel has sent calls to both replicas (so round robin spreads what follows)."""
+    gateway.request("GET", "/v2/health/live")  # not an inference request: not in the live page's numbers
+    text = gateway.request("GET", "/metrics").body.decode()
+    return all(f'method="ServerLive",replica="{name}"' in text for name in ("page-a", "page-b"))
+
+
 def row(page, replica: str, field: str) -> str:
     return page.locator(f'#replicas tr[data-replica="{replica}"] [data-field="{field}"]').inner_text()
 
@@ -85,6 +92,7 @@ def test_the_live_page_shows_the_status_and_a_replica_going_down(system, page, t
     assert {r["health"] for r in status["replicas"]} == {"SERVING"}
     assert status["jobs"] == [] and status["gateway"]["ready"] is True
 
+    wait_for(lambda: both_replicas_answer(gateway), timeout=10, what="both replicas in the gateway's rotation")
     for _ in range(20):
         assert gateway.request("POST", "/v2/models/iris/infer", {"inputs": [IRIS_ROW]}).status == 200
     assert gateway.request("POST", "/v2/models/iris/infer", {"inputs": [{**IRIS_ROW, "shape": [1, 3]}]}).status == 400
@@ -108,6 +116,9 @@ def test_the_live_page_shows_the_status_and_a_replica_going_down(system, page, t
         assert row(page, name, "share") == f"{100 * metrics[name] / 20:.1f}%"
         assert row(page, name, "health") == "SERVING"
         assert row(page, name, "queue") == "0"
+        for q in ("p50", "p99"):
+            assert entry["latency_ms"][q] > 0
+            assert row(page, name, q) == f"{entry['latency_ms'][q]:.2f}"
         assert row(page, name, "address") == entry["address"]
     assert page.locator("#jobs").inner_text() == "No async jobs."
     page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)

@@ -23,10 +23,13 @@ class Bucket:
     __slots__ = ("errors", "latencies", "replicas", "second")
 
     def __init__(self, second: int) -> None:
+        self.reset(second)
+
+    def reset(self, second: int) -> None:
         self.second = second
         self.replicas: dict[str, int] = {}
         self.errors = 0
-        self.latencies: list[float] = []
+        self.latencies: list[tuple[str, float]] = []  # (replica, seconds)
 
 
 class Traffic:
@@ -39,19 +42,19 @@ class Traffic:
         second = int(time.monotonic())
         bucket = self.buckets[second % WINDOW_SECONDS]
         if bucket.second != second:
-            bucket.__init__(second)
+            bucket.reset(second)
         bucket.replicas[replica] = bucket.replicas.get(replica, 0) + 1
         if error:
             bucket.errors += 1
         if len(bucket.latencies) < SAMPLES_PER_SECOND:
-            bucket.latencies.append(seconds)
+            bucket.latencies.append((replica, seconds))
 
-    def window(self) -> tuple[dict[str, int], int, list[float]]:
-        """Requests per replica, errors and latency samples of the last minute."""
+    def window(self) -> tuple[dict[str, int], int, list[tuple[str, float]]]:
+        """Requests per replica, errors and latency samples (replica, seconds) of the last minute."""
         now = int(time.monotonic())
         replicas: dict[str, int] = {}
         errors = 0
-        latencies: list[float] = []
+        latencies: list[tuple[str, float]] = []
         for bucket in self.buckets:
             if now - WINDOW_SECONDS < bucket.second <= now:
                 for name, count in bucket.replicas.items():
@@ -67,17 +70,30 @@ def percentile(ordered: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def percentiles_ms(samples: list[float], *quantiles: str) -> dict[str, float | None]:
+    ordered = sorted(samples)
+    return {
+        q: (None if (v := percentile(ordered, int(q[1:]) / 100)) is None else round(v * 1000, 3)) for q in quantiles
+    }
+
+
 def status(traffic: Traffic, replicas: ReplicaSet, *, ready: bool, draining: bool) -> dict:
     by_replica, errors, latencies = traffic.window()
     total = sum(by_replica.values())
     served = total - by_replica.get(NO_REPLICA, 0)  # shares are of the requests a replica answered
-    latencies.sort()
     rows = []
     seen = set()
     for view in replicas.views.values():
         count = by_replica.get(view.name, 0) if view.name else 0
         seen.add(view.name)
-        rows.append({**view.json(), "requests": count, "share": count / served if served else 0.0})
+        rows.append(
+            {
+                **view.json(),
+                "requests": count,
+                "share": count / served if served else 0.0,
+                "latency_ms": percentiles_ms([t for r, t in latencies if r == view.name and view.name], "p50", "p99"),
+            }
+        )
     for name, count in sorted(by_replica.items()):
         if name not in seen and name != NO_REPLICA:  # served recently, no longer among the addresses
             rows.append(
@@ -89,6 +105,7 @@ def status(traffic: Traffic, replicas: ReplicaSet, *, ready: bool, draining: boo
                     "checked": None,
                     "requests": count,
                     "share": count / served if served else 0.0,
+                    "latency_ms": percentiles_ms([t for r, t in latencies if r == name], "p50", "p99"),
                 }
             )
     rows.sort(key=lambda r: (r["name"] or "~", r["address"] or ""))
@@ -105,10 +122,7 @@ def status(traffic: Traffic, replicas: ReplicaSet, *, ready: bool, draining: boo
             "count": total,
             "errors": errors,
             "per_second": total / WINDOW_SECONDS,
-            "latency_ms": {
-                q: (None if (v := percentile(latencies, p)) is None else round(v * 1000, 3))
-                for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
-            },
+            "latency_ms": percentiles_ms([t for _, t in latencies], "p50", "p90", "p99"),
         },
         "replicas": rows,
         "jobs": [],  # recent async jobs, once they exist (issue #12)

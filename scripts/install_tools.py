@@ -121,6 +121,7 @@ def main() -> None:
         print(f"{name}: {shown.stdout.strip()}", file=sys.stderr)
     perf_analyzer()
     apt_install("chromium", "the live page's test drives a headless Chromium with playwright")
+    print("chromium: Debian's, driven by playwright in the tests", file=sys.stderr)
     print(f"kserve SDK: {tool_environment('kserve') / 'bin' / 'python'}", file=sys.stderr)
 
 

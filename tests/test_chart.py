@@ -49,6 +49,7 @@ VALUE_SETS = {
     "hpa-off": ["--set", "inference.autoscaling.enabled=false"],
     "networkpolicy": ["--set", "networkPolicy.enabled=true"],
     "servicemonitor": ["--set", "serviceMonitor.enabled=true"],
+    "dashboard": ["--set", "dashboard.enabled=true"],
     "custom-metric": ["--set", "inference.autoscaling.inFlightRequests.enabled=true"],
     "configmap-models": [
         "--set-json",

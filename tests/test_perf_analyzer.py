@@ -38,6 +38,9 @@ def test_perf_analyzer_through_the_gateway(gateway):
     done = perf_analyzer("-i", "http", "-u", gateway.url, "-m", "iris", "--shape", "features:1,4")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "Throughput:" in done.stdout and "infer/sec" in done.stdout
+    # Server-side statistics (Triton's statistics extension, summed over the replicas) are in the report.
+    server = done.stdout.split("Server:", 1)[-1]
+    assert "Server:" in done.stdout and "Inference count:" in server and "compute infer" in server, done.stdout
 
 
 def test_perf_analyzer_over_grpc_with_batches(replica):
@@ -45,6 +48,7 @@ def test_perf_analyzer_over_grpc_with_batches(replica):
     done = perf_analyzer("-i", "grpc", "-u", replica.target, "-m", "digits", "-b", "8")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "Batch size: 8" in done.stdout and "Throughput:" in done.stdout
+    assert "Server:" in done.stdout and "queue" in done.stdout.split("Server:", 1)[-1], done.stdout
 
 
 def test_model_config_route_describes_the_model(gateway):

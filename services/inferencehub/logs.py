@@ -1,4 +1,7 @@
-"""Logging set-up: one format for every process, with the caller's request id on each line."""
+"""Logging set-up: one format for every process, with the caller's request id on each line.
+
+With tracing on (``inferencehub.tracing``), each line also carries the trace id.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,24 @@ import sys
 from contextvars import ContextVar
 
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
+trace_id: ContextVar[str] = ContextVar("trace_id", default="-")
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+TRACED_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s trace=%(trace_id)s] %(message)s"
 
 
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        record.trace_id = trace_id.get()
         return True
+
+
+def show_trace_ids() -> None:
+    """Put the trace id on every line (tracing is on)."""
+    for handler in logging.getLogger().handlers:
+        if any(isinstance(f, _RequestIdFilter) for f in handler.filters):
+            handler.setFormatter(logging.Formatter(TRACED_FORMAT))
 
 
 def configure(level: str = "info") -> None:

@@ -16,6 +16,10 @@ from typing import Any, TypeVar
 ENV_PREFIX = "INFERENCEHUB_"
 T = TypeVar("T")
 _TYPES = {"int": int, "float": float, "str": str, "Path": Path}
+OTLP_HELP = (
+    "OTLP/HTTP endpoint for traces, e.g. http://otel-collector:4318 (empty: tracing off unless "
+    "OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is set)"
+)
 
 
 def setting(default: Any, help: str) -> Any:
@@ -64,6 +68,7 @@ class InferenceSettings:
     grace_seconds: float = setting(10.0, "time in-flight calls get to finish after the drain")
     max_connection_age_seconds: float = setting(30.0, "connections are closed after this age so clients re-resolve")
     max_connection_age_grace_seconds: float = setting(10.0, "time calls on an aged connection get to finish")
+    otlp_endpoint: str = setting("", OTLP_HELP)
     log_level: str = setting("info", "debug, info, warning or error")
     listen_file: Path | None = setting(None, "once listening, write the addresses there as JSON (for supervisors)")
     # Mutual TLS (all three together): then the gRPC port refuses plaintext and clients without a certificate
@@ -95,6 +100,7 @@ class GatewaySettings:
     dns_refresh_seconds: float = setting(1.0, "shortest time between DNS re-resolutions of the upstream name")
     drain_seconds: float = setting(1.0, "on SIGTERM, time /readyz fails before the listener closes")
     grace_seconds: float = setting(10.0, "time in-flight requests get to finish after the drain")
+    otlp_endpoint: str = setting("", OTLP_HELP)
     log_level: str = setting("info", "debug, info, warning or error")
     listen_file: Path | None = setting(None, "once listening, write the address there as JSON (for supervisors)")
     # Who may call: API keys and rate limits (see gateway/auth.py), mutual TLS to the replicas (see tls.py).

@@ -3,8 +3,9 @@
 podman-compose 1.0.3 (Debian's) cannot run this file as written: it orders `depends_on` but ignores its
 `condition: service_healthy`, turns an exec-form healthcheck (`[CMD, python, -c, ...]`) into a `/bin/sh -c` string
 with broken quoting, ignores the top-level `name:`, and parses `--scale` without acting on it, so it cannot add a
-replica to a running service. This small runner reads the file and issues the podman commands itself. It understands exactly the keys the file uses and refuses any other, so a change to compose.yaml either
-runs here as written or fails loudly: the file is what the test runs.
+replica to a running service. This small runner reads the file and issues the podman commands itself. It
+understands exactly the keys the file uses and refuses any other, so a change to compose.yaml either runs here as
+written or fails loudly: the file is what the test runs.
 """
 
 from __future__ import annotations

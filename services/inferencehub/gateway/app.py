@@ -15,20 +15,24 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import inferencehub
-from inferencehub import logs
+from inferencehub import logs, tracing
 from inferencehub.errors import InferenceHubError, InvalidInput
-from inferencehub.gateway import rest
+from inferencehub.gateway import rest, statistics
 from inferencehub.gateway.auth import Access
 from inferencehub.gateway.connections import BodyTimeout, GatewayRunner, Limits
 from inferencehub.gateway.http_errors import error_response, upstream_error_response
 from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.gateway.openapi import openapi_document
-from inferencehub.gateway.upstream import Upstream, UpstreamError
+from inferencehub.gateway.replicas import ReplicaSet
+from inferencehub.gateway.status import Traffic, status
+from inferencehub.gateway.traced import traced_requests
+from inferencehub.gateway.upstream import Upstream, UpstreamError, channel_options
 from inferencehub.metadata import REPLICA_KEY
 from inferencehub.processes import announce
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
@@ -43,6 +47,7 @@ DEADLINE_PATTERN = re.compile(r"^[0-9]{1,9}$")  # ASCII digits only: str.isdigit
 UNPARSED = "(unparsed)"  # the route label of answers given before a request could be routed
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer
 BINARY_EXTENSION = "binary_tensor_data"
+UI_PAGE = (Path(__file__).parent / "ui" / "index.html").read_bytes()
 
 
 @dataclass
@@ -55,6 +60,9 @@ SETTINGS = web.AppKey("settings", GatewaySettings)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 STATE = web.AppKey("state", GatewayState)
 UPSTREAM = web.AppKey("upstream", Upstream)
+REPLICAS = web.AppKey("replicas", ReplicaSet)
+TRAFFIC = web.AppKey("traffic", Traffic)
+TRACING = web.AppKey("tracing", object)  # a tracing.Tracing, or None when tracing is off
 
 
 class StartupError(InferenceHubError):
@@ -74,6 +82,7 @@ async def observe(request: web.Request, handler) -> web.StreamResponse:
     route = request.match_info.route.resource
     template = route.canonical if route is not None else "unmatched"
     status = CLIENT_CLOSED  # until an answer is made
+    response = None
     try:
         response = await handler(request)
         transport = request.transport
@@ -85,8 +94,12 @@ async def observe(request: web.Request, handler) -> web.StreamResponse:
         raise
     finally:
         metrics = request.app[METRICS]
+        elapsed = time.perf_counter() - start
         metrics.requests.labels(template, request.method, str(status)).inc()
-        metrics.duration.labels(template, request.method).observe(time.perf_counter() - start)
+        metrics.duration.labels(template, request.method).observe(elapsed)
+        if template.endswith("/infer"):  # the live page's last minute
+            replica = response.headers.get(REPLICA_KEY, "") if response is not None else ""
+            request.app[TRAFFIC].record(replica, elapsed, status >= 400)
         if status >= 400:
             log.info("%s %s -> %d", request.method, request.path, status)
         logs.request_id.reset(token)
@@ -211,6 +224,36 @@ async def model_ready(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "ready": True})
 
 
+async def model_statistics(request: web.Request) -> web.Response:
+    """Triton's statistics extension, summed over every replica (see ``gateway.statistics``)."""
+    name, version = request.match_info.get("model", ""), request.match_info.get("version", "")
+    body, headers = await statistics.gather(
+        request.app[REPLICAS],
+        request.app[UPSTREAM],
+        name,
+        version,
+        request_id=logs.request_id.get(),
+        timeout=deadline(request),
+    )
+    return web.json_response(body, headers=headers)
+
+
+async def status_json(request: web.Request) -> web.Response:
+    """The live status (README: "Live status"): replicas, the last minute's traffic, latency, errors."""
+    replicas = request.app[REPLICAS]
+    replicas.watch()
+    if not replicas.views or any(v.checked == 0 for v in replicas.views.values()):
+        await replicas.poll_once()  # answer with each replica's health, not an empty list
+    state = request.app[STATE]
+    body = status(request.app[TRAFFIC], replicas, ready=state.started and not state.draining, draining=state.draining)
+    return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
+async def ui(request: web.Request) -> web.Response:
+    """The live page: static HTML and JS, no build step, reading /status.json every second."""
+    return web.Response(body=UI_PAGE, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+
 async def infer(request: web.Request) -> web.Response:
     name, version = model_and_version(request)
     encoding = request.headers.get("Content-Encoding", "identity").lower()
@@ -218,7 +261,9 @@ async def infer(request: web.Request) -> web.Response:
         return error_response(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
     body = await request.read()
     header_length = rest.parse_header_length(request.headers.get(rest.HEADER_LENGTH), len(body))
-    message, plan = rest.parse_infer_request(body, header_length, name, version)
+    tracer = request.app[TRACING]
+    with tracing.NULL if tracer is None else tracer.span("parse"):
+        message, plan = rest.parse_infer_request(body, header_length, name, version)
     response, replica = await call(request, "ModelInfer", message)
     payload, headers = rest.render_infer_response(response, plan)
     headers[REPLICA_KEY] = replica
@@ -244,15 +289,19 @@ def routes() -> list[web.RouteDef]:
         get("/readyz", readyz),
         get("/metrics", metrics),
         get("/openapi.json", openapi),
+        get("/status.json", status_json),
+        get("/ui", ui),
         get("/v2", server_metadata),
         get("/v2/health/live", server_live),
         get("/v2/health/ready", server_ready),
+        get("/v2/models/stats", model_statistics),  # before /v2/models/{model}
     ]
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         table += [
             get(prefix, model_metadata),
             get(prefix + "/ready", model_ready),
             get(prefix + "/config", model_config),
+            get(prefix + "/stats", model_statistics),
             web.post(prefix + "/infer", infer, expect_handler=expect),
         ]
     return table
@@ -262,20 +311,29 @@ def routes() -> list[web.RouteDef]:
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[UPSTREAM] = Upstream(app[SETTINGS], app[METRICS])
+    app[UPSTREAM] = Upstream(app[SETTINGS], app[METRICS], app[TRACING])
+    app[REPLICAS] = ReplicaSet(app[SETTINGS].upstream, channel_options(app[SETTINGS]), app[UPSTREAM].tls)
+    app[REPLICAS].watch()  # a first look at the replicas, to learn each address's name early
     app[STATE].started = True
     yield
+    await app[REPLICAS].close()
     await app[UPSTREAM].close()
+    if app[TRACING] is not None:
+        app[TRACING].shutdown()
 
 
 def create_app(settings: GatewaySettings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[observe, errors])
+    tracer = tracing.setup("inferencehub-gateway", settings.otlp_endpoint)
+    middlewares = [observe, errors] if tracer is None else [traced_requests(tracer), observe, errors]
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
+    app[TRACING] = tracer
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics()
     app[STATE] = GatewayState()
     access = Access.from_settings(settings, app[METRICS].registry)
     if access is not None:  # API keys and rate limits: after observe (ids, metrics), before the routes
         app.middlewares.insert(1, access.middleware())
+    app[TRAFFIC] = Traffic()
     app.cleanup_ctx.append(_upstream_ctx)
     app.add_routes(routes())
     return app

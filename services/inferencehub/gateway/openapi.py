@@ -61,6 +61,12 @@ UPSTREAM_HEADERS = [
 UPSTREAM_ERRORS = (400, 503, 504)
 
 
+STATS = {
+    "description": "Triton's statistics JSON (model_stats)",
+    "content": {"application/json": {"schema": {"type": "object"}}},
+}
+
+
 def _get(summary: str, answers: dict[str, Any], params: list[dict] | None = None) -> dict[str, Any]:
     return {"get": {"summary": summary, "parameters": params or [], "responses": answers}}
 
@@ -86,6 +92,11 @@ def _model_paths(prefix: str) -> dict[str, Any]:
         prefix + "/config": _get(
             "Model configuration (Triton's extension, for perf_analyzer)",
             {"200": config, **_answers(None, 404, 501, *UPSTREAM_ERRORS)},
+            params,
+        ),
+        prefix + "/stats": _get(
+            "Model statistics (Triton's extension), summed over every replica",
+            {"200": STATS, **_answers(None, 404, *UPSTREAM_ERRORS)},
             params,
         ),
         prefix + "/ready": _get("Model readiness", _answers(schema.ModelReady, 404, *UPSTREAM_ERRORS), params),
@@ -125,6 +136,16 @@ def openapi_document() -> dict[str, Any]:
             "/healthz": _get("The gateway process is alive", _answers(schema.Status)),
             "/readyz": _get("The gateway takes traffic (not starting or draining)", _answers(schema.Status, 503)),
             "/metrics": _get("Prometheus metrics", {"200": text}),
+            "/status.json": _get(
+                "Live status: replicas' health and share of the last minute, latency, errors",
+                {"200": {"description": "status", "content": {"application/json": {"schema": {"type": "object"}}}}},
+            ),
+            "/ui": _get("The live page", {"200": {"description": "HTML", "content": {"text/html": {}}}}),
+            "/v2/models/stats": _get(
+                "Statistics of every model (Triton's extension), summed over every replica",
+                {"200": STATS, **_answers(None, *UPSTREAM_ERRORS)},
+                UPSTREAM_HEADERS,
+            ),
             "/v2": _get("Server metadata", _answers(schema.ServerMetadata, *UPSTREAM_ERRORS), UPSTREAM_HEADERS),
             "/v2/health/live": _get("Server liveness", _answers(schema.Live, *UPSTREAM_ERRORS), UPSTREAM_HEADERS),
             "/v2/health/ready": _get("Server readiness", _answers(schema.Ready, *UPSTREAM_ERRORS), UPSTREAM_HEADERS),

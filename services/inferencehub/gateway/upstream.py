@@ -24,6 +24,7 @@ from inferencehub.metadata import REPLICA_KEY, REQUEST_ID_KEY
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from inferencehub.settings import GatewaySettings
+from inferencehub.tracing import REPLICA_ATTRIBUTE, Tracing
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -77,13 +78,14 @@ def channel_options(settings: GatewaySettings) -> list[tuple[str, int | str]]:
 
 
 class Upstream:
-    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.tls = tls.ClientTls.from_settings(settings)  # None: plaintext
         self.retiring: dict[grpc.aio.Channel, asyncio.Future] = {}  # old channels closing once their calls end
         self.channel = self._open()
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.metrics = metrics
+        self.tracing = tracing
 
     def _open(self) -> grpc.aio.Channel:
         options = channel_options(self.settings)
@@ -107,7 +109,20 @@ class Upstream:
         """Call ``method``; return the response and the name of the replica that served it."""
         if self.tls is not None and self.tls.reloaded():
             self._reopen()
-        call = getattr(self.stub, method)(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id),))
+        metadata = ((REQUEST_ID_KEY, request_id),)
+        if self.tracing is None:
+            return await self._call(method, request, metadata, timeout)
+        with self.tracing.span(f"upstream {method}", kind=self.tracing.CLIENT) as span:
+            try:
+                response, replica = await self._call(method, request, metadata + self.tracing.inject(), timeout)
+            except UpstreamError as exc:
+                span.set_attribute("rpc.grpc.status_code", exc.code.value[0])
+                raise
+            span.set_attribute(REPLICA_ATTRIBUTE, replica)
+            return response, replica
+
+    async def _call(self, method: str, request, metadata, timeout: float):
+        call = getattr(self.stub, method)(request, timeout=timeout, metadata=metadata)
         try:
             response = await call
         except grpc.aio.AioRpcError as exc:

@@ -15,6 +15,7 @@ import numpy as np
 from inferencehub.errors import InvalidInput, ModelError, ModelNotFound, ModelNotReady
 from inferencehub.inference.metrics import InferenceMetrics
 from inferencehub.inference.scheduler import ModelScheduler
+from inferencehub.inference.statistics import ModelStats, Timing
 from inferencehub.inference.workers import Workers
 from inferencehub.model import Model, ModelConfig, TensorSpec
 from inferencehub.tensors import DATATYPES
@@ -42,6 +43,7 @@ class ServedModel:
     model: Model | None = None  # None for process models (loaded in the workers)
     scheduler: ModelScheduler | None = None
     ready: bool = False
+    stats: ModelStats | None = None  # Triton's statistics extension; set by the engine
 
     def input_spec(self, name: str, datatype: str, shape: tuple[int, ...]) -> TensorSpec:
         """The config's spec for an input, after checking the request's datatype and shape against it."""
@@ -82,7 +84,7 @@ ASYNC_CONCURRENCY = 256  # default for models whose predict is a coroutine (they
 
 class Engine:
     def __init__(self, configs: list[ModelConfig], workers: Workers, metrics: InferenceMetrics) -> None:
-        self.models = {c.name: ServedModel(c) for c in configs}
+        self.models = {c.name: ServedModel(c, stats=ModelStats(c.name, c.version)) for c in configs}
         self.workers = workers
         self.metrics = metrics
         self.state = State.LOADING
@@ -97,7 +99,7 @@ class Engine:
         for served in self.models.values():
             served.model = await self.workers.load(served.config)
             served.scheduler = ModelScheduler(
-                served.config, self._runner(served), self._concurrency(served), self.metrics
+                served.config, self._runner(served), self._concurrency(served), self.metrics, served.stats
             )
             served.ready = True
             log.info(
@@ -131,8 +133,18 @@ class Engine:
             raise ModelNotFound(f"model '{name}' has no version '{version}' (served: {served.config.version})")
         return served
 
+    def statistics(self, name: str = "", version: str = "") -> list[ModelStats]:
+        """The statistics of the model and version named (each empty: all of them)."""
+        served = [self.get(name, version)] if name else list(self.models.values())
+        return [s.stats for s in served if s.stats is not None and version in ("", s.config.version)]
+
     async def infer(
-        self, served: ServedModel, inputs: dict[str, np.ndarray], outputs: list[TensorSpec], deadline: float | None
+        self,
+        served: ServedModel,
+        inputs: dict[str, np.ndarray],
+        outputs: list[TensorSpec],
+        deadline: float | None,
+        timing: Timing | None = None,
     ) -> list[np.ndarray]:
         """Run the model on validated inputs (queued, maybe batched); return the requested outputs, checked.
 
@@ -140,7 +152,7 @@ class Engine:
         """
         if not served.ready or served.scheduler is None or self.state is State.LOADING:
             raise ModelNotReady(f"model '{served.config.name}' is not ready")
-        results = await served.scheduler.submit(inputs, deadline)
+        results = await served.scheduler.submit(inputs, deadline, timing)
         return [self._checked_output(served.config, results, spec) for spec in outputs]
 
     @staticmethod

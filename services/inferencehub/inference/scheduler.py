@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from inferencehub.errors import DeadlineExpired, InvalidInput, ModelError, ModelNotReady, Overloaded
 from inferencehub.inference.metrics import InferenceMetrics
+from inferencehub.inference.statistics import ModelStats, Timing
 from inferencehub.model import ModelConfig
 
 Arrays = dict[str, np.ndarray]
@@ -37,6 +39,7 @@ class Pending:
     deadline: float | None  # event-loop time
     enqueued: float
     future: asyncio.Future = field(repr=False)
+    timing: Timing | None = field(default=None, repr=False)
 
 
 class ModelScheduler:
@@ -46,8 +49,10 @@ class ModelScheduler:
         run: Callable[[Arrays], Awaitable[Arrays]],
         concurrency: int,
         metrics: InferenceMetrics,
+        stats: ModelStats | None = None,
     ) -> None:
         self.config = config
+        self.stats = stats
         self.run = run
         self.concurrency = concurrency
         self.batching = config.batching
@@ -66,8 +71,11 @@ class ModelScheduler:
         self.m_calls = metrics.model_calls.labels(name)
         self.m_expired = {reason: metrics.expired.labels(name, reason) for reason in ("deadline", "cancelled")}
 
-    async def submit(self, inputs: Arrays, deadline: float | None) -> Arrays:
-        """Queue one request and wait for its outputs (its own rows of the batch it ran in)."""
+    async def submit(self, inputs: Arrays, deadline: float | None, timing: Timing | None = None) -> Arrays:
+        """Queue one request and wait for its outputs (its own rows of the batch it ran in).
+
+        ``timing``, when given, is stamped on the way (statistics and trace spans).
+        """
         loop = asyncio.get_running_loop()
         rows, key = 0, ()
         if self.batching:
@@ -86,7 +94,9 @@ class ModelScheduler:
                 f"model '{self.config.name}' is overloaded: {len(self.queue)} requests waiting "
                 f"(max_queue_size {self.max_queue}); retry later"
             )
-        pending = Pending(inputs, rows, key, deadline, loop.time(), loop.create_future())
+        pending = Pending(inputs, rows, key, deadline, loop.time(), loop.create_future(), timing)
+        if timing is not None:
+            timing.enqueued = time.perf_counter_ns()
         self.queue.append(pending)
         self.m_depth.set(len(self.queue))
         self.arrived.set()
@@ -173,9 +183,12 @@ class ModelScheduler:
             self.m_expired["deadline"].inc()
             return False
         self.m_queue_time.observe(now - pending.enqueued)
+        if pending.timing is not None:
+            pending.timing.taken = time.perf_counter_ns()
         return True
 
     async def _execute(self, batch: list[Pending]) -> None:
+        stacking = time.perf_counter_ns()
         try:
             if len(batch) == 1:
                 inputs = batch[0].inputs
@@ -183,8 +196,11 @@ class ModelScheduler:
                 inputs = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
             self.m_batch.observe(len(batch))
             self.m_calls.inc()
+            started = time.perf_counter_ns()
             results = await self.run(inputs)
+            finished = time.perf_counter_ns()
             parts = [results] if len(batch) == 1 else self._split(results, [p.rows for p in batch])
+            self._stamp(batch, stacking, started, finished)
             for pending, part in zip(batch, parts, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(part)
@@ -200,6 +216,16 @@ class ModelScheduler:
         finally:
             self.busy -= 1
             self.slots.release()
+
+    def _stamp(self, batch: list[Pending], stacking: int, started: int, finished: int) -> None:
+        for pending in batch:
+            timing = pending.timing
+            if timing is not None:
+                timing.dispatched, timing.started, timing.finished = stacking, started, finished
+                timing.batch_size = len(batch)
+        if self.stats is not None:
+            inferences = sum(p.rows for p in batch) if self.batching else len(batch)
+            self.stats.executed(len(batch), inferences, stacking, started, finished, time.perf_counter_ns())
 
     def _split(self, results: Arrays, rows: list[int]) -> list[Arrays]:
         total = sum(rows)

@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from inferencehub import tls
+from inferencehub import tls, tracing
 from inferencehub.errors import InferenceHubError
 from inferencehub.inference.engine import Engine, State
 from inferencehub.inference.metrics import InferenceMetrics
@@ -73,6 +73,7 @@ class InferenceServer:
     replica: str
     health_server: grpc.aio.Server | None = None  # plaintext, health only (see tls.py and --health-port)
     health_port: int | None = None
+    tracing: tracing.Tracing | None = None
 
     @property
     def health_names(self) -> list[str]:
@@ -105,6 +106,8 @@ class InferenceServer:
         await self.engine.close()
         self.engine.workers.close()
         self.metrics.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
         log.info("replica %s stopped", self.replica)
 
 
@@ -112,6 +115,7 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     """Listen and report NOT_SERVING; the caller then awaits ``load()``."""
     secure = tls.server_enabled(settings)
     credentials = tls.server_credentials(settings) if secure else None  # bad TLS files stop start-up here
+    tracer = tracing.setup("inferencehub-inference", settings.otlp_endpoint)  # a bad configuration stops us here
     configs = load_repository(settings.models or SHIPPED_MODELS)
     processes = settings.processes or cpu_count()
     workers = Workers(settings.threads, processes, [c for c in configs if c.execution == "process"])
@@ -136,11 +140,13 @@ async def start(settings: InferenceSettings) -> InferenceServer:
 
     streams_stopping = asyncio.Event()
     health = HealthServicer(streams_stopping)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, metrics, replica), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, metrics, replica, tracer), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(ReflectionServicer(names, streams_stopping), server)
-    instance = InferenceServer(settings, engine, metrics, server, health, streams_stopping, port, metrics_port, replica)
+    instance = InferenceServer(
+        settings, engine, metrics, server, health, streams_stopping, port, metrics_port, replica, tracing=tracer
+    )
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await instance.set_health(False)
     if settings.health_port >= 0:

@@ -18,15 +18,19 @@ from inferencehub import logs
 from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.inference.engine import Engine, ServedModel
 from inferencehub.inference.metrics import UNKNOWN_MODEL, InferenceMetrics
-from inferencehub.metadata import REPLICA_KEY, REQUEST_ID_KEY
+from inferencehub.inference.statistics import Timing
+from inferencehub.metadata import QUEUE_DEPTH_KEY, REPLICA_KEY, REQUEST_ID_KEY
 from inferencehub.model import ModelConfig
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from inferencehub.tensors import DATATYPES, from_raw, from_values, to_raw, to_values
+from inferencehub.tracing import REPLICA_ATTRIBUTE, Tracing
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# The protocol extensions this replica serves over gRPC (the gateway adds its HTTP-only ones).
+EXTENSIONS = ("model_configuration", "statistics")
 
 
 def decode_inputs(request: pb.ModelInferRequest, served: ServedModel) -> dict[str, np.ndarray]:
@@ -100,15 +104,19 @@ def caller_request_id(context: grpc.aio.ServicerContext, request_id: str = "") -
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, metrics: InferenceMetrics, replica: str) -> None:
+    def __init__(self, engine: Engine, metrics: InferenceMetrics, replica: str, tracing: Tracing | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.replica = replica
+        self.tracing = tracing
         # The replica's name travels in trailing metadata: initial metadata sent early would commit
         # the call, and a committed call is not retried elsewhere when this replica dies mid-call.
         self.replica_metadata = ((REPLICA_KEY, replica),)
 
     async def ServerLive(self, request, context):
-        context.set_trailing_metadata(self.replica_metadata)
+        # With the queue depth: the gateway's status page polls each replica with this call.
+        depth = sum(len(s.scheduler.queue) for s in self.engine.models.values() if s.scheduler is not None)
+        context.set_trailing_metadata((*self.replica_metadata, (QUEUE_DEPTH_KEY, str(depth))))
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
@@ -130,7 +138,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request, context):
         context.set_trailing_metadata(self.replica_metadata)
-        return pb.ServerMetadataResponse(name="inferencehub", version=inferencehub.__version__, extensions=[])
+        return pb.ServerMetadataResponse(
+            name="inferencehub", version=inferencehub.__version__, extensions=list(EXTENSIONS)
+        )
 
     async def ModelMetadata(self, request, context):
         config = (await self._served(request, context)).config
@@ -147,20 +157,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         config = (await self._served(request, context)).config
         return pb.ModelConfigResponse(config=model_config(config))
 
+    async def ModelStatistics(self, request, context):
+        """Triton's statistics extension: NOT_FOUND for a model or version that is not served."""
+        context.set_trailing_metadata(self.replica_metadata)
+        try:
+            stats = self.engine.statistics(request.name, request.version)
+        except InferenceHubError as exc:
+            await context.abort(exc.status, str(exc), self.replica_metadata)
+            raise
+        return pb.ModelStatisticsResponse(model_stats=[s.message() for s in stats])
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
-        model = request.model_name if request.model_name in self.engine.models else UNKNOWN_MODEL
+        timing = Timing(received=time.perf_counter_ns())
+        served = self.engine.models.get(request.model_name)
+        model = UNKNOWN_MODEL if served is None else request.model_name
         token = logs.request_id.set(caller_request_id(context, request.id))
+        span = None if self.tracing is None else self._start_span(context)
         in_flight = self.metrics.in_flight.labels(model)
         in_flight.inc()
         context.set_trailing_metadata(self.replica_metadata)
         try:
-            response = await self._infer(request, context)
+            response = await self._infer(request, context, timing)
         except InferenceHubError as exc:
             code, message = exc.status, str(exc)
             log.warning("ModelInfer %s: %s: %s", request.model_name, code.name, exc)
         except asyncio.CancelledError:
             self._count(model, grpc.StatusCode.CANCELLED, start)
+            if span is not None:
+                span.end()
             raise
         except Exception:
             code, message = grpc.StatusCode.INTERNAL, "internal error; the replica's log has the details"
@@ -172,21 +197,51 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             logs.request_id.reset(token)
         # Counted before the caller hears the outcome, so a scrape right after a call sees it.
         self._count(model, code, start)
+        if served is not None and served.stats is not None:
+            if code is grpc.StatusCode.OK:
+                served.stats.succeeded(timing, time.perf_counter_ns())
+            else:
+                served.stats.failed(timing, time.perf_counter_ns())
+        if span is not None:
+            self._end_span(span, timing, code)
         if code is grpc.StatusCode.OK:
             return response
         await context.abort(code, message, self.replica_metadata)
+
+    def _start_span(self, context: grpc.aio.ServicerContext):
+        """The replica's server span, continuing the caller's trace from the gRPC metadata."""
+        assert self.tracing is not None
+        parent = self.tracing.extract(dict(context.invocation_metadata() or ()))
+        span = self.tracing.tracer.start_span(
+            "ModelInfer", parent, kind=self.tracing.SERVER, attributes={REPLICA_ATTRIBUTE: self.replica}
+        )
+        logs.trace_id.set(self.tracing.trace_id(span))  # this call's task has a context of its own
+        return span
+
+    def _end_span(self, span, timing: Timing, code: grpc.StatusCode) -> None:
+        assert self.tracing is not None
+        from opentelemetry.trace import Status, StatusCode
+
+        self.tracing.replica_spans(span, timing)
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, code.name))
+        span.end()
 
     def _count(self, model: str, code: grpc.StatusCode, start: float) -> None:
         self.metrics.requests.labels(model, code.name).inc()
         self.metrics.duration.labels(model).observe(time.perf_counter() - start)
 
-    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, timing: Timing
+    ) -> pb.ModelInferResponse:
         served = self.engine.get(request.model_name, request.model_version)
         inputs = decode_inputs(request, served)
+        timing.decoded = time.perf_counter_ns()
         specs = served.output_specs([o.name for o in request.outputs])
         remaining = context.time_remaining()
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        arrays = await self.engine.infer(served, inputs, specs, deadline)
+        arrays = await self.engine.infer(served, inputs, specs, deadline, timing)
         response = pb.ModelInferResponse(
             model_name=served.config.name, model_version=served.config.version, id=request.id
         )

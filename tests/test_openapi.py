@@ -4,6 +4,7 @@ document: statuses, content types, bodies, no server errors, valid data accepted
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -42,7 +43,8 @@ def test_schemathesis_finds_no_disagreement_between_the_document_and_the_gateway
     assert done.returncode == 0, report
     for phase in ("Coverage", "Fuzzing", "Stateful"):
         assert f"✅ {phase}" in done.stdout, report
-    assert "Operations:       14 selected / 14 total" in done.stdout, report
+    selected = re.search(r"Operations: +(\d+) selected / (\d+) total", done.stdout)
+    assert selected and selected.group(1) == selected.group(2) and int(selected.group(1)) >= 14, report
 
 
 def test_the_document_describes_requests_with_the_types_the_gateway_validates_with(gateway):

@@ -140,6 +140,7 @@ def replica(tmp_path_factory) -> Iterator[Replica]:
         tmp_path_factory.mktemp("models"),
         *sorted(SHIPPED.iterdir()),
         TEST_MODELS / "echo-all",
+        TEST_MODELS / "echo-typed",
         EXAMPLE_MODELS / "word-count",
     )
     server = Replica(

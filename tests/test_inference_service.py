@@ -145,10 +145,26 @@ def test_mock_echoes_every_datatype_raw(client):
             assert out.dtype == expected.dtype, t
 
 
-def typed_request(arrays: dict[str, np.ndarray]) -> pb.ModelInferRequest:
+TYPED_FIELDS = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}  # the OIP's typed field of each datatype, written out here rather than taken from the code under test
+
+
+def typed_request(arrays: dict[str, np.ndarray], model: str = "echo-all") -> pb.ModelInferRequest:
     from inferencehub.tensors import DATATYPES, datatype_of, to_values
 
-    request = pb.ModelInferRequest(model_name="echo-all")
+    request = pb.ModelInferRequest(model_name=model)
     for name, array in arrays.items():
         dt = DATATYPES[datatype_of(array)]
         tensor = request.inputs.add(name=name, datatype=dt.name, shape=array.shape)
@@ -157,9 +173,28 @@ def typed_request(arrays: dict[str, np.ndarray]) -> pb.ModelInferRequest:
 
 
 def test_mock_echoes_every_typed_datatype(stub):
+    # Every datatype that has a typed field, in typed contents (as grpcurl users send): echoed exactly, typed.
     typed = [t for t in ALL_DATATYPES if t != "FP16"]
     arrays = {f"in_{t.lower()}": sample(t) for t in typed}
+    request = typed_request(arrays, model="echo-typed")
+    response = stub.ModelInfer(request, timeout=10)
+    assert not response.raw_output_contents  # typed in, typed out
+    by_name = {o.name: o for o in response.outputs}
+    for t in typed:
+        out, expected = by_name[f"out_{t.lower()}"], arrays[f"in_{t.lower()}"]
+        assert out.datatype == t and list(out.shape) == list(expected.shape), t
+        field = TYPED_FIELDS[t]
+        values = list(getattr(out.contents, field))
+        if t == "BYTES":
+            assert values == list(expected), t
+        else:
+            assert np.array_equal(np.array(values, dtype=expected.dtype), expected), t
+        assert [f.name for f, _ in out.contents.ListFields()] == [field], t
+
+
+def test_fp16_has_no_typed_field_and_says_so(stub):
     # FP16 has no typed field: every input must then be raw, so echo-all takes FP16 raw in another test.
+    arrays = {f"in_{t.lower()}": sample(t) for t in ALL_DATATYPES if t != "FP16"}
     request = typed_request(arrays)
     request.inputs.add(name="in_fp16", datatype="FP16", shape=[1])
     with pytest.raises(grpc.RpcError) as err:

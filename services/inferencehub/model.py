@@ -13,8 +13,8 @@ A model is a class with ``load()`` and ``predict()``::
             return {"reversed": inputs["text"][..., ::-1] * self.scale}
 
 It is referenced from a model config by import path (``"runtime": "python"``,
-``"parameters": {"class": "reverse:Reverse"}``); the model's folder is on the import
-path. ``predict`` receives every declared input as a numpy array, already checked
+``"parameters": {"class": "reverse:Reverse"}``): a module in the model's folder, which is a
+package of its own, so the module imports its neighbours relatively (``from . import helpers``). ``predict`` receives every declared input as a numpy array, already checked
 against the config's datatype and shape, and returns a dict holding at least the
 outputs the caller asked for. BYTES tensors are object arrays of ``bytes``.
 

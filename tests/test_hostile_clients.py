@@ -14,27 +14,13 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from test_inference_service import ALL_DATATYPES
+from test_inference_service import ALL_DATATYPES, TYPED_FIELDS
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from conftest import Gateway, Replica, health_status, wait_for
 
 BILLIONS = 3_000_000_000  # elements declared; a request carries a handful of bytes
-TYPED_FIELD = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
 
 
 class HealthProbe:
@@ -95,13 +81,13 @@ def _http_binary_requests() -> list[tuple[str, bytes, dict]]:
 def _grpc_requests(typed: bool) -> list[tuple[str, pb.ModelInferRequest]]:
     out = []
     for t in ALL_DATATYPES:
-        if typed and t not in TYPED_FIELD:
+        if typed and t not in TYPED_FIELDS:
             continue
         request = pb.ModelInferRequest(model_name="echo-all")
         tensor = request.inputs.add(name=f"in_{t.lower()}", datatype=t, shape=[BILLIONS])
         if typed:
             value = b"a" if t == "BYTES" else (True if t == "BOOL" else 1)
-            getattr(tensor.contents, TYPED_FIELD[t]).append(value)
+            getattr(tensor.contents, TYPED_FIELDS[t]).append(value)
         else:
             request.raw_input_contents.append(struct.pack("<I", 1) + b"a" if t == "BYTES" else bytes(8))
         out.append((t, request))

@@ -85,6 +85,11 @@ class GatewaySettings:
     dns_refresh_seconds: float = setting(1.0, "shortest time between DNS re-resolutions of the upstream name")
     drain_seconds: float = setting(1.0, "on SIGTERM, time /readyz fails before the listener closes")
     grace_seconds: float = setting(10.0, "time in-flight requests get to finish after the drain")
+    coalesce: str = setting(
+        "on", "send concurrent compatible requests for a batching model as one upstream call: on or off"
+    )
+    coalesce_max_delay_ms: float = setting(2.0, "longest a request waits for others to travel with (coalescing)")
+    coalesce_off_models: str = setting("", "comma-separated models whose requests are never coalesced")
     log_level: str = setting("info", "debug, info, warning or error")
 
 

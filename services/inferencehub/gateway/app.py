@@ -22,6 +22,7 @@ import inferencehub
 from inferencehub import logs
 from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.gateway import rest
+from inferencehub.gateway.coalescer import Coalescer, coalescer_for
 from inferencehub.gateway.http_errors import error_response, upstream_error_response
 from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.gateway.openapi import openapi_document
@@ -48,6 +49,7 @@ SETTINGS = web.AppKey("settings", GatewaySettings)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 STATE = web.AppKey("state", GatewayState)
 UPSTREAM = web.AppKey("upstream", Upstream)
+COALESCER = web.AppKey("coalescer", Coalescer)
 
 
 class StartupError(InferenceHubError):
@@ -76,9 +78,7 @@ async def observe(request: web.Request, handler) -> web.StreamResponse:
         status = exc.status
         raise
     finally:
-        metrics = request.app[METRICS]
-        metrics.requests.labels(template, request.method, str(status)).inc()
-        metrics.duration.labels(template, request.method).observe(time.perf_counter() - start)
+        request.app[METRICS].request(template, request.method, status, time.perf_counter() - start)
         if status >= 400:
             log.info("%s %s -> %d", request.method, request.path, status)
         logs.request_id.reset(token)
@@ -199,7 +199,9 @@ async def infer(request: web.Request) -> web.Response:
     body = await request.read()
     header_length = rest.parse_header_length(request.headers.get(rest.HEADER_LENGTH), len(body))
     message, plan = rest.parse_infer_request(body, header_length, name, version)
-    response, replica = await call(request, "ModelInfer", message)
+    response, replica = await request.app[COALESCER].infer(
+        message, request_id=logs.request_id.get(), timeout=deadline(request)
+    )
     payload, headers = rest.render_infer_response(response, plan)
     headers[REPLICA_KEY] = replica
     return web.Response(body=payload, headers=headers)
@@ -230,8 +232,10 @@ def routes() -> list[web.RouteDef]:
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAM] = Upstream(app[SETTINGS], app[METRICS])
+    app[COALESCER] = coalescer_for(app[SETTINGS], app[UPSTREAM], app[METRICS])
     app[STATE].started = True
     yield
+    await app[COALESCER].close()
     await app[UPSTREAM].close()
 
 

@@ -102,14 +102,20 @@ def wrk(url: str, *, concurrency: int, duration: float, body: str = IRIS_BODY, p
     """``wrk -t1 -cN`` posting ``body``; a summary like `inferencehub bench`'s (req/s, p50/p99 ms, errors)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(
-            'wrk.method = "POST"\n'
-            'wrk.headers["Content-Type"] = "application/json"\n'
-            f"wrk.body = {json.dumps(body)}\n"
+            f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = {json.dumps(body)}\n'
         )
     try:
         done = subprocess.run(
-            ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency", "-s", script.name,
-             url + path],
+            [
+                "wrk",
+                "-t1",
+                f"-c{concurrency}",
+                f"-d{max(1, round(duration))}s",
+                "--latency",
+                "-s",
+                script.name,
+                url + path,
+            ],
             capture_output=True,
             text=True,
             check=True,
@@ -131,7 +137,7 @@ def parse_wrk(out: str) -> dict:
     errors = {}
     if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
         errors["http"] = int(m.group(1))
-    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        if sum(map(int, m.groups())):
-            errors["socket"] = sum(map(int, m.groups()))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m and sum(map(int, m.groups())):
+        errors["socket"] = sum(map(int, m.groups()))
     return {"throughput_rps": rps, "requests": total, "latency_ms": latency, "errors": errors}

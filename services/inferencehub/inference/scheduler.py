@@ -194,12 +194,35 @@ class ModelScheduler:
                     pending.future.set_exception(ModelNotReady(f"model '{self.config.name}' is shutting down"))
             raise
         except Exception as exc:
+            if len(batch) > 1:
+                # One member's rows may have failed the whole call: each gets the outcome it would have had alone.
+                await self._each_alone(batch)
+                return
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
         finally:
             self.busy -= 1
             self.slots.release()
+
+    async def _each_alone(self, batch: list[Pending]) -> None:
+        for pending in batch:
+            if pending.future.done():
+                continue
+            self.m_calls.inc()
+            try:
+                result = await self.run(pending.inputs)
+            except asyncio.CancelledError:
+                for waiting in batch:
+                    if not waiting.future.done():
+                        waiting.future.set_exception(ModelNotReady(f"model '{self.config.name}' is shutting down"))
+                raise
+            except Exception as exc:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            else:
+                if not pending.future.done():
+                    pending.future.set_result(result)
 
     def _split(self, results: Arrays, rows: list[int]) -> list[Arrays]:
         total = sum(rows)

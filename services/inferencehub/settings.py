@@ -64,6 +64,7 @@ class InferenceSettings:
     grace_seconds: float = setting(10.0, "time in-flight calls get to finish after the drain")
     max_connection_age_seconds: float = setting(30.0, "connections are closed after this age so clients re-resolve")
     max_connection_age_grace_seconds: float = setting(10.0, "time calls on an aged connection get to finish")
+    event_loop: str = setting("uvloop", "event loop: uvloop, or asyncio (the standard library's)")
     log_level: str = setting("info", "debug, info, warning or error")
 
 
@@ -90,6 +91,7 @@ class GatewaySettings:
     )
     coalesce_max_delay_ms: float = setting(2.0, "longest a request waits for others to travel with (coalescing)")
     coalesce_off_models: str = setting("", "comma-separated models whose requests are never coalesced")
+    event_loop: str = setting("uvloop", "event loop: uvloop, or asyncio (the standard library's)")
     log_level: str = setting("info", "debug, info, warning or error")
 
 

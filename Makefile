@@ -20,6 +20,7 @@ test: lint tools
 	$(PY) -m pytest
 
 bench: $(STAMP)
+	$(PY) scripts/install_tools.py --bench
 	$(PY) benchmarks/run.py
 
 lint: $(STAMP)

@@ -141,3 +141,46 @@ def parse_wrk(out: str) -> dict:
     if m and sum(map(int, m.groups())):
         errors["socket"] = sum(map(int, m.groups()))
     return {"throughput_rps": rps, "requests": total, "latency_ms": latency, "errors": errors}
+
+
+def _client_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk runs as a child, waited for
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(processes: dict[str, Process], url: str, *, concurrency: int, duration: float) -> tuple[dict, dict]:
+    """One wrk run; its summary and the CPU ms per request of each process and of wrk."""
+    before = {name: p.cpu_seconds() for name, p in processes.items()}
+    client = _client_cpu()
+    summary = wrk(url, concurrency=concurrency, duration=duration)
+    requests = max(summary["requests"], 1)
+    spent = {name: (p.cpu_seconds() - before[name]) * 1000 / requests for name, p in processes.items()}
+    spent["wrk"] = (_client_cpu() - client) * 1000 / requests
+    return summary, spent
+
+
+def compare(servers: dict[str, tuple[dict[str, Process], str]], *, rounds: int, duration: float, top: int) -> dict:
+    """Every server in turn, ``rounds`` times (alternating, so a noisy neighbour hits them all alike): wrk at
+    concurrency ``top`` and at 1. Per server: the runs, and the median run at ``top`` (by req/s) with its CPU."""
+    runs: dict[str, list] = {name: [] for name in servers}
+    singles: dict[str, list] = {name: [] for name in servers}
+    for _, url in servers.values():  # warm up every server and connection path once
+        wrk(url, concurrency=4, duration=1)
+    for _ in range(rounds):
+        for name, (processes, url) in servers.items():
+            runs[name].append(measure(processes, url, concurrency=top, duration=duration))
+            singles[name].append(wrk(url, concurrency=1, duration=max(1.0, duration / 2)))
+    result = {}
+    for name in servers:
+        ordered = sorted(runs[name], key=lambda run: run[0]["throughput_rps"])
+        median, cpu = ordered[len(ordered) // 2]
+        single = sorted(singles[name], key=lambda s: s["latency_ms"]["p50"])[len(singles[name]) // 2]
+        result[name] = {
+            "median": median,
+            "cpu": cpu,
+            "all_rps": [run[0]["throughput_rps"] for run in runs[name]],
+            "single": single,
+        }
+    return result

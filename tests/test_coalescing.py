@@ -7,6 +7,7 @@ import json
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -45,9 +46,14 @@ def coalescing(replica):
 
 @pytest.fixture(scope="module")
 def alone(replica):
-    server = Gateway(f"ipv4:{replica.target}", "--coalesce", "off")
+    # The reference also runs on the standard asyncio loop (the default is uvloop): the answers must not differ.
+    server = Gateway(f"ipv4:{replica.target}", "--coalesce", "off", "--event-loop", "asyncio")
     yield server
     server.stop()
+
+
+def uses_uvloop(server) -> bool:
+    return "uvloop" in Path(f"/proc/{server.proc.pid}/maps").read_text()
 
 
 def values(rng: random.Random, datatype: str, count: int) -> list:
@@ -125,6 +131,22 @@ def test_coalesced_results_equal_one_at_a_time_for_every_datatype(coalescing, al
     carried = metric(coalescing, "inferencehub_gateway_coalesced_requests_sum") - carried_before
     assert carried == 2 * len(requests)  # every request travelled in exactly one call
     assert calls < carried / 2, f"{carried:.0f} requests in {calls:.0f} calls: they were not coalesced"
+
+
+def test_the_event_loop_is_uvloop_unless_turned_off(coalescing, alone, replica):
+    assert uses_uvloop(coalescing) and uses_uvloop(replica)
+    assert not uses_uvloop(alone)
+
+
+def test_coalescing_can_be_turned_off_for_one_model(replica):
+    server = Gateway(f"ipv4:{replica.target}", "--coalesce-off-models", "iris,batch-picky")
+    try:
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+        got = together([lambda: post(server, "batch-picky", body) for _ in range(6)])
+        assert all(r.status == 200 for r in got)
+        assert metric(server, "inferencehub_gateway_coalesced_requests_count") == 0  # never went through it
+    finally:
+        server.stop()
 
 
 def test_each_request_keeps_its_own_request_id(coalescing):

@@ -81,8 +81,29 @@ def mlserver(tuning: str, folder: Path) -> tuple[TreeProcess, str]:
     )
     env = {"PYTHONPATH": str(HERE), "MLSERVER_METRICS_DIR": str(root / "metrics")}
     process = TreeProcess([str(MLSERVER), "start", str(root)], r"Uvicorn running on (http://\S+)", env=env)
-    process.wait_for("Loaded model 'iris'")
+    try:
+        process.wait_for("Loaded model 'iris'")
+    except RuntimeError:
+        process.stop()
+        raise
     return process, f"http://127.0.0.1:{ports[0]}"
+
+
+def mlservers(tunings, folder: Path, started: list) -> dict[str, tuple[TreeProcess, str]]:
+    """Several MLServers, started at once (each takes seconds to import and load); each added to ``started``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(tunings)) as pool:
+        futures = {tuning: pool.submit(mlserver, tuning, folder) for tuning in tunings}
+    result = {}
+    for tuning, future in futures.items():
+        if future.exception() is None:
+            result[tuning] = future.result()
+            started.append(result[tuning][0])
+    for future in futures.values():
+        if future.exception() is not None:
+            raise future.exception()
+    return result
 
 
 def _free_ports(count: int) -> list[int]:
@@ -161,12 +182,14 @@ def measure(processes: dict[str, Process], url: str, *, concurrency: int, durati
     return summary, spent
 
 
-def compare(servers: dict[str, tuple[dict[str, Process], str]], *, rounds: int, duration: float, top: int) -> dict:
+def compare(
+    servers: dict[str, tuple[dict[str, Process], str]], *, rounds: int, duration: float, top: int, warm_up: bool = True
+) -> dict:
     """Every server in turn, ``rounds`` times (alternating, so a noisy neighbour hits them all alike): wrk at
     concurrency ``top`` and at 1. Per server: the runs, and the median run at ``top`` (by req/s) with its CPU."""
     runs: dict[str, list] = {name: [] for name in servers}
     singles: dict[str, list] = {name: [] for name in servers}
-    for _, url in servers.values():  # warm up every server and connection path once
+    for _, url in servers.values() if warm_up else ():  # warm up every server and connection path once
         wrk(url, concurrency=4, duration=1)
     for _ in range(rounds):
         for name, (processes, url) in servers.items():

@@ -6,11 +6,14 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 BENCHMARKS = ["batching", "overload", "blocking", "serialization", "overhead", "grpc_servers", "scaling"]
 
 
+@pytest.mark.timeout(600)  # seven benchmarks in quick mode, each starting servers (MLServer among them)
 def test_every_benchmark_runs_and_writes_a_table_and_a_plot(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],

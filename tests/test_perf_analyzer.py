@@ -35,7 +35,8 @@ def perf_analyzer(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_perf_analyzer_through_the_gateway(gateway):
-    done = perf_analyzer("-i", "http", "-u", gateway.url, "-m", "iris", "--shape", "features:1,4")
+    # iris batches (max_batch_size 64): perf_analyzer sends one row of 4 features per request.
+    done = perf_analyzer("-i", "http", "-u", gateway.url, "-m", "iris")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "Throughput:" in done.stdout and "infer/sec" in done.stdout
     # Server-side statistics (Triton's statistics extension, summed over the replicas) are in the report.
@@ -53,8 +54,8 @@ def test_perf_analyzer_over_grpc_with_batches(replica):
 
 def test_model_config_route_describes_the_model(gateway):
     config = gateway.request("GET", "/v2/models/iris/config").json()
-    assert config["name"] == "iris" and config["max_batch_size"] == 0
-    assert config["input"] == [{"name": "features", "data_type": "TYPE_FP32", "dims": [-1, 4]}]
+    assert config["name"] == "iris" and config["max_batch_size"] == 64
+    assert config["input"] == [{"name": "features", "data_type": "TYPE_FP32", "dims": [4]}]  # no batch dimension
     assert {o["name"]: o["data_type"] for o in config["output"]} == {
         "probabilities": "TYPE_FP32",
         "label": "TYPE_INT64",

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from inferencehub import __version__, logs
+from inferencehub import __version__, eventloop, logs
 from inferencehub.errors import InferenceHubError
 from inferencehub.settings import GatewaySettings, InferenceSettings, UpSettings, add_arguments, from_args
 
 
-def _run(name: str, coroutine) -> int:
+def _run(name: str, coroutine, event_loop: str = "asyncio") -> int:
     try:
-        result = asyncio.run(coroutine)
+        result = eventloop.run(coroutine, event_loop)
     except InferenceHubError as exc:
         print(f"inferencehub {name}: error: {exc}", file=sys.stderr)
         return 2
@@ -37,7 +37,7 @@ def _inference(args: argparse.Namespace) -> int:
 
     settings = from_args(InferenceSettings, args)
     logs.configure(settings.log_level)
-    return _run("inference", serve(settings))
+    return _run("inference", serve(settings), settings.event_loop)
 
 
 def _gateway(args: argparse.Namespace) -> int:
@@ -45,7 +45,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
     settings = from_args(GatewaySettings, args)
     logs.configure(settings.log_level)
-    return _run("gateway", serve(settings))
+    return _run("gateway", serve(settings), settings.event_loop)
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -69,6 +69,7 @@ class InferenceSettings:
     max_connection_age_seconds: float = setting(30.0, "connections are closed after this age so clients re-resolve")
     max_connection_age_grace_seconds: float = setting(10.0, "time calls on an aged connection get to finish")
     otlp_endpoint: str = setting("", OTLP_HELP)
+    event_loop: str = setting("uvloop", "event loop: uvloop, or asyncio (the standard library's)")
     log_level: str = setting("info", "debug, info, warning or error")
     listen_file: Path | None = setting(None, "once listening, write the addresses there as JSON (for supervisors)")
     # Mutual TLS (all three together): then the gRPC port refuses plaintext and clients without a certificate
@@ -101,6 +102,12 @@ class GatewaySettings:
     drain_seconds: float = setting(1.0, "on SIGTERM, time /readyz fails before the listener closes")
     grace_seconds: float = setting(10.0, "time in-flight requests get to finish after the drain")
     otlp_endpoint: str = setting("", OTLP_HELP)
+    coalesce: str = setting(
+        "on", "send concurrent compatible requests for a batching model as one upstream call: on or off"
+    )
+    coalesce_max_delay_ms: float = setting(2.0, "longest a request waits for others to travel with (coalescing)")
+    coalesce_off_models: str = setting("", "comma-separated models whose requests are never coalesced")
+    event_loop: str = setting("uvloop", "event loop: uvloop, or asyncio (the standard library's)")
     log_level: str = setting("info", "debug, info, warning or error")
     listen_file: Path | None = setting(None, "once listening, write the address there as JSON (for supervisors)")
     # Who may call: API keys and rate limits (see gateway/auth.py), mutual TLS to the replicas (see tls.py).

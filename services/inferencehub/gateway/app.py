@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
+import os
 import re
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from inferencehub import logs, tracing
 from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.gateway import rest, statistics
 from inferencehub.gateway.auth import Access
+from inferencehub.gateway.coalescer import Coalescer, coalescer_for
 from inferencehub.gateway.connections import BodyTimeout, GatewayRunner, Limits
 from inferencehub.gateway.http_errors import error_response, upstream_error_response
 from inferencehub.gateway.metrics import GatewayMetrics
@@ -63,6 +65,7 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 REPLICAS = web.AppKey("replicas", ReplicaSet)
 TRAFFIC = web.AppKey("traffic", Traffic)
 TRACING = web.AppKey("tracing", object)  # a tracing.Tracing, or None when tracing is off
+COALESCER = web.AppKey("coalescer", Coalescer)
 
 
 class StartupError(InferenceHubError):
@@ -72,11 +75,20 @@ class StartupError(InferenceHubError):
 # --- middlewares ---------------------------------------------------------------------------
 
 
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(int.from_bytes(os.urandom(7), "big"))
+
+
+def new_request_id() -> str:
+    """32 hex digits, unique: a random per-process prefix and a counter (uuid4 costs a system call per request)."""
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
 @web.middleware
 async def observe(request: web.Request, handler) -> web.StreamResponse:
     """Request id in and out, metrics by route template, a log line for every failure."""
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
+    request_id = incoming if incoming and REQUEST_ID_PATTERN.match(incoming) else new_request_id()
     token = logs.request_id.set(request_id)
     start = time.perf_counter()
     route = request.match_info.route.resource
@@ -93,10 +105,8 @@ async def observe(request: web.Request, handler) -> web.StreamResponse:
         status = exc.status
         raise
     finally:
-        metrics = request.app[METRICS]
         elapsed = time.perf_counter() - start
-        metrics.requests.labels(template, request.method, str(status)).inc()
-        metrics.duration.labels(template, request.method).observe(elapsed)
+        request.app[METRICS].request(template, request.method, status, elapsed)
         if template.endswith("/infer"):  # the live page's last minute
             replica = response.headers.get(REPLICA_KEY, "") if response is not None else ""
             request.app[TRAFFIC].record(replica, elapsed, status >= 400)
@@ -264,7 +274,9 @@ async def infer(request: web.Request) -> web.Response:
     tracer = request.app[TRACING]
     with tracing.NULL if tracer is None else tracer.span("parse"):
         message, plan = rest.parse_infer_request(body, header_length, name, version)
-    response, replica = await call(request, "ModelInfer", message)
+    response, replica = await request.app[COALESCER].infer(
+        message, request_id=logs.request_id.get(), timeout=deadline(request)
+    )
     payload, headers = rest.render_infer_response(response, plan)
     headers[REPLICA_KEY] = replica
     return web.Response(body=payload, headers=headers)
@@ -312,11 +324,13 @@ def routes() -> list[web.RouteDef]:
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAM] = Upstream(app[SETTINGS], app[METRICS], app[TRACING])
+    app[COALESCER] = coalescer_for(app[SETTINGS], app[UPSTREAM], app[METRICS])
     app[REPLICAS] = ReplicaSet(app[SETTINGS].upstream, channel_options(app[SETTINGS]), app[UPSTREAM].tls)
     app[REPLICAS].watch()  # a first look at the replicas, to learn each address's name early
     app[STATE].started = True
     yield
     await app[REPLICAS].close()
+    await app[COALESCER].close()
     await app[UPSTREAM].close()
     if app[TRACING] is not None:
         app[TRACING].shutdown()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+MAX_CHILDREN = 4096
+COALESCED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -38,5 +40,38 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        self.coalesced = Histogram(
+            "inferencehub_gateway_coalesced_requests",
+            "Requests carried by each upstream ModelInfer call of a batching model (1: it went alone).",
+            buckets=COALESCED_BUCKETS,
+            registry=self.registry,
+        )
+        self.coalesce_retried = Counter(
+            "inferencehub_gateway_coalesce_retried_requests",
+            "Requests sent again alone after the coalesced call they travelled in failed.",
+            registry=self.registry,
+        )
+        # Label children looked up once (a labels() call costs more than the increment); bounded all the same.
+        self._children: dict[tuple, tuple] = {}
+
+    def _child(self, key: tuple, make) -> tuple:
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) >= MAX_CHILDREN:
+                self._children.clear()
+            child = self._children[key] = make()
+        return child
+
     def upstream(self, method: str, replica: str, code: str) -> None:
-        self.upstream_calls.labels(method, replica or "none", code).inc()
+        self._child(
+            ("u", method, replica, code), lambda: (self.upstream_calls.labels(method, replica or "none", code),)
+        )[0].inc()
+
+    def request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One HTTP request answered: counted by route template, method and status, and timed."""
+        count, duration = self._child(
+            ("r", route, method, status),
+            lambda: (self.requests.labels(route, method, str(status)), self.duration.labels(route, method)),
+        )
+        count.inc()
+        duration.observe(seconds)

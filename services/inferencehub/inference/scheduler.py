@@ -210,6 +210,10 @@ class ModelScheduler:
                     pending.future.set_exception(ModelNotReady(f"model '{self.config.name}' is shutting down"))
             raise
         except Exception as exc:
+            if len(batch) > 1:
+                # One member's rows may have failed the whole call: each gets the outcome it would have had alone.
+                await self._each_alone(batch)
+                return
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
@@ -226,6 +230,27 @@ class ModelScheduler:
         if self.stats is not None:
             inferences = sum(p.rows for p in batch) if self.batching else len(batch)
             self.stats.executed(len(batch), inferences, stacking, started, finished, time.perf_counter_ns())
+
+    async def _each_alone(self, batch: list[Pending]) -> None:
+        for pending in batch:
+            if pending.future.done():
+                continue
+            self.m_calls.inc()
+            started = time.perf_counter_ns()
+            try:
+                result = await self.run(pending.inputs)
+                self._stamp([pending], started, started, time.perf_counter_ns())
+            except asyncio.CancelledError:
+                for waiting in batch:
+                    if not waiting.future.done():
+                        waiting.future.set_exception(ModelNotReady(f"model '{self.config.name}' is shutting down"))
+                raise
+            except Exception as exc:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            else:
+                if not pending.future.done():
+                    pending.future.set_result(result)
 
     def _split(self, results: Arrays, rows: list[int]) -> list[Arrays]:
         total = sum(rows)

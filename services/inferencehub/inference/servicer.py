@@ -103,6 +103,24 @@ def caller_request_id(context: grpc.aio.ServicerContext, request_id: str = "") -
     return request_id or uuid.uuid4().hex
 
 
+class ModelChildren:
+    """One model's ModelInfer metric children: labels() looked up once per model and code, not per call."""
+
+    def __init__(self, metrics: InferenceMetrics, model: str) -> None:
+        self.metrics = metrics
+        self.model = model
+        self.in_flight = metrics.in_flight.labels(model)
+        self.duration = metrics.duration.labels(model)
+        self.requests: dict[grpc.StatusCode, object] = {}
+
+    def count(self, code: grpc.StatusCode, start: float) -> None:
+        counter = self.requests.get(code)
+        if counter is None:
+            counter = self.requests[code] = self.metrics.requests.labels(self.model, code.name)
+        counter.inc()
+        self.duration.observe(time.perf_counter() - start)
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine: Engine, metrics: InferenceMetrics, replica: str, tracing: Tracing | None = None) -> None:
         self.engine = engine
@@ -112,6 +130,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # The replica's name travels in trailing metadata: initial metadata sent early would commit
         # the call, and a committed call is not retried elsewhere when this replica dies mid-call.
         self.replica_metadata = ((REPLICA_KEY, replica),)
+        self._children: dict[str, ModelChildren] = {}  # metric children per model (served names only), looked up once
+
+    def _metrics_for(self, model: str) -> ModelChildren:
+        children = self._children.get(model)
+        if children is None:
+            children = self._children[model] = ModelChildren(self.metrics, model)
+        return children
 
     async def ServerLive(self, request, context):
         # With the queue depth: the gateway's status page polls each replica with this call.
@@ -174,7 +199,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = UNKNOWN_MODEL if served is None else request.model_name
         token = logs.request_id.set(caller_request_id(context, request.id))
         span = None if self.tracing is None else self._start_span(context)
-        in_flight = self.metrics.in_flight.labels(model)
+        children = self._metrics_for(model)
+        in_flight = children.in_flight
         in_flight.inc()
         context.set_trailing_metadata(self.replica_metadata)
         try:
@@ -183,7 +209,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             code, message = exc.status, str(exc)
             log.warning("ModelInfer %s: %s: %s", request.model_name, code.name, exc)
         except asyncio.CancelledError:
-            self._count(model, grpc.StatusCode.CANCELLED, start)
+            children.count(grpc.StatusCode.CANCELLED, start)
             if span is not None:
                 span.end()
             raise
@@ -196,7 +222,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             in_flight.dec()
             logs.request_id.reset(token)
         # Counted before the caller hears the outcome, so a scrape right after a call sees it.
-        self._count(model, code, start)
+        children.count(code, start)
         if served is not None and served.stats is not None:
             if code is grpc.StatusCode.OK:
                 served.stats.succeeded(timing, time.perf_counter_ns())
@@ -227,10 +253,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if code is not grpc.StatusCode.OK:
             span.set_status(Status(StatusCode.ERROR, code.name))
         span.end()
-
-    def _count(self, model: str, code: grpc.StatusCode, start: float) -> None:
-        self.metrics.requests.labels(model, code.name).inc()
-        self.metrics.duration.labels(model).observe(time.perf_counter() - start)
 
     async def _infer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, timing: Timing

@@ -1,7 +1,9 @@
 """Where model compute runs: never on the event loop.
 
 - ``async def predict`` models run on the loop (they promise not to block it);
-- ``execution: thread`` models run in a thread pool (numpy releases the GIL);
+- ``execution: thread`` models run in a thread pool (numpy releases the GIL), except while their calls are
+  measured to take under ``INLINE_BELOW`` (a small numpy MLP): then the hand-off to a thread and back would cost
+  more than the call, and they run on the loop; a call that takes longer sends the model back to the pool;
 - ``execution: process`` models run in spawned worker processes, each of which loads
   its own copy of every process model, so CPU-bound Python never holds the
   server's GIL and health checks keep answering while every worker is busy.
@@ -55,6 +57,29 @@ def _worker_predict(name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.nd
     return _worker_model(name).predict(inputs)
 
 
+INLINE_BELOW = 0.0003  # seconds: a thread model whose calls take less runs on the loop
+
+
+class Cost:
+    """A model's recent call time: jumps up with a slow call at once, comes down slowly."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = float("inf")  # unknown: the first calls run in the pool, and are timed there
+
+    def add(self, took: float) -> None:
+        self.seconds = took if took > self.seconds or self.seconds == float("inf") else 0.9 * self.seconds + 0.1 * took
+
+
+def _timed(predict, cost: Cost, inputs):
+    start = time.perf_counter()
+    try:
+        return predict(inputs)
+    finally:
+        cost.add(time.perf_counter() - start)
+
+
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -66,6 +91,7 @@ class Workers:
         self.process_count = max(1, processes)
         self.process_configs = process_configs
         self.processes: ProcessPoolExecutor | None = None
+        self.costs: dict[str, Cost] = {}
 
     def _new_process_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -107,7 +133,12 @@ class Workers:
                 raise ModelNotReady(f"model '{config.name}': its worker process died; retry") from None
         if inspect.iscoroutinefunction(model.predict):
             return await model.predict(inputs)  # type: ignore[misc]
-        return await loop.run_in_executor(self.threads, model.predict, inputs)
+        cost = self.costs.get(config.name)
+        if cost is None:
+            cost = self.costs[config.name] = Cost()
+        if cost.seconds < INLINE_BELOW:
+            return _timed(model.predict, cost, inputs)
+        return await loop.run_in_executor(self.threads, _timed, model.predict, cost, inputs)
 
     def close(self) -> None:
         self.threads.shutdown(wait=False, cancel_futures=True)

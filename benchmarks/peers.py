@@ -1,0 +1,209 @@
+"""Peers and the HTTP load tool of the overhead benchmark: MLServer serving the same `iris` model, and `wrk`.
+
+MLServer 1.7.1 lives in an environment of its own (``scripts/install_tools.py``, pinned in
+``scripts/tool-requirements/mlserver.txt``) and serves ``mlserver_iris.py``, a custom runtime computing what
+InferenceHub's ``mlp`` runtime computes from the same shipped weights. Two tunings: ``best`` (``parallel_workers:
+0``, the model in the server process; uvloop and httptools installed) and ``default`` (no settings: one inference
+worker process behind the HTTP process). ``wrk`` (Debian's) posts the same JSON iris body to every server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from common import ROOT, SHIPPED, Process
+
+HERE = Path(__file__).resolve().parent
+MLSERVER = ROOT / ".cache" / "tools" / "mlserver" / "bin" / "mlserver"
+IRIS_BODY = json.dumps(
+    {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]}
+)
+TUNINGS = {"best": {"parallel_workers": 0}, "default": {}}
+
+
+def tools_missing() -> str | None:
+    """Why the peer rows cannot run here, or None."""
+    if not MLSERVER.exists():
+        return "MLServer is not installed: run `make tools` (scripts/install_tools.py)"
+    if shutil.which("wrk") is None:
+        return "wrk is not installed: run `make tools` (it installs Debian's wrk) or `apt-get install wrk`"
+    return None
+
+
+class TreeProcess(Process):
+    """A process whose CPU time includes its live descendants (MLServer's inference workers)."""
+
+    def cpu_seconds(self) -> float:
+        total = 0
+        tick = os.sysconf("SC_CLK_TCK")
+        children: dict[int, list[int]] = {}
+        stats: dict[int, list[str]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+        todo = [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            if pid in stats:
+                total += int(stats[pid][11]) + int(stats[pid][12])
+            todo.extend(children.get(pid, ()))
+        return total / tick
+
+
+def mlserver(tuning: str, folder: Path) -> tuple[TreeProcess, str]:
+    """MLServer serving `iris` over HTTP on a free port, tuned ``best`` or ``default``; returns it and its URL."""
+    root = folder / f"mlserver-{tuning}"
+    model = root / "iris"
+    model.mkdir(parents=True)
+    ports = _free_ports(3)
+    settings = {"host": "127.0.0.1", "http_port": ports[0], "grpc_port": ports[1], "metrics_port": ports[2]}
+    (root / "settings.json").write_text(json.dumps({**settings, **TUNINGS[tuning]}))
+    (model / "model-settings.json").write_text(
+        json.dumps(
+            {
+                "name": "iris",
+                "implementation": "mlserver_iris.IrisMLP",
+                "parameters": {"uri": str(SHIPPED / "iris" / "weights.npz"), "version": "1"},
+            }
+        )
+    )
+    env = {"PYTHONPATH": str(HERE), "MLSERVER_METRICS_DIR": str(root / "metrics")}
+    process = TreeProcess([str(MLSERVER), "start", str(root)], r"Uvicorn running on (http://\S+)", env=env)
+    try:
+        process.wait_for("Loaded model 'iris'")
+    except RuntimeError:
+        process.stop()
+        raise
+    return process, f"http://127.0.0.1:{ports[0]}"
+
+
+def mlservers(tunings, folder: Path, started: list) -> dict[str, tuple[TreeProcess, str]]:
+    """Several MLServers, started at once (each takes seconds to import and load); each added to ``started``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(tunings)) as pool:
+        futures = {tuning: pool.submit(mlserver, tuning, folder) for tuning in tunings}
+    result = {}
+    for tuning, future in futures.items():
+        if future.exception() is None:
+            result[tuning] = future.result()
+            started.append(result[tuning][0])
+    for future in futures.values():
+        if future.exception() is not None:
+            raise future.exception()
+    return result
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def wrk(url: str, *, concurrency: int, duration: float, body: str = IRIS_BODY, path: str = "/v2/models/iris/infer"):
+    """``wrk -t1 -cN`` posting ``body``; a summary like `inferencehub bench`'s (req/s, p50/p99 ms, errors)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(
+            f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = {json.dumps(body)}\n'
+        )
+    try:
+        done = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{concurrency}",
+                f"-d{max(1, round(duration))}s",
+                "--latency",
+                "-s",
+                script.name,
+                url + path,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        os.unlink(script.name)
+    return parse_wrk(done.stdout)
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def parse_wrk(out: str) -> dict:
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    latency = {f"p{p}": _ms(m) for p, m in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.M)}
+    errors = {}
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors["http"] = int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m and sum(map(int, m.groups())):
+        errors["socket"] = sum(map(int, m.groups()))
+    return {"throughput_rps": rps, "requests": total, "latency_ms": latency, "errors": errors}
+
+
+def _client_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk runs as a child, waited for
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(processes: dict[str, Process], url: str, *, concurrency: int, duration: float) -> tuple[dict, dict]:
+    """One wrk run; its summary and the CPU ms per request of each process and of wrk."""
+    before = {name: p.cpu_seconds() for name, p in processes.items()}
+    client = _client_cpu()
+    summary = wrk(url, concurrency=concurrency, duration=duration)
+    requests = max(summary["requests"], 1)
+    spent = {name: (p.cpu_seconds() - before[name]) * 1000 / requests for name, p in processes.items()}
+    spent["wrk"] = (_client_cpu() - client) * 1000 / requests
+    return summary, spent
+
+
+def compare(
+    servers: dict[str, tuple[dict[str, Process], str]], *, rounds: int, duration: float, top: int, warm_up: bool = True
+) -> dict:
+    """Every server in turn, ``rounds`` times (alternating, so a noisy neighbour hits them all alike): wrk at
+    concurrency ``top`` and at 1. Per server: the runs, and the median run at ``top`` (by req/s) with its CPU."""
+    runs: dict[str, list] = {name: [] for name in servers}
+    singles: dict[str, list] = {name: [] for name in servers}
+    for _, url in servers.values() if warm_up else ():  # warm up every server and connection path once
+        wrk(url, concurrency=4, duration=1)
+    for _ in range(rounds):
+        for name, (processes, url) in servers.items():
+            runs[name].append(measure(processes, url, concurrency=top, duration=duration))
+            singles[name].append(wrk(url, concurrency=1, duration=max(1.0, duration / 2)))
+    result = {}
+    for name in servers:
+        ordered = sorted(runs[name], key=lambda run: run[0]["throughput_rps"])
+        median, cpu = ordered[len(ordered) // 2]
+        single = sorted(singles[name], key=lambda s: s["latency_ms"]["p50"])[len(singles[name]) // 2]
+        result[name] = {
+            "median": median,
+            "cpu": cpu,
+            "all_rps": [run[0]["throughput_rps"] for run in runs[name]],
+            "single": single,
+        }
+    return result

@@ -15,8 +15,9 @@ A model is a class with ``load()`` and ``predict()``::
 It is referenced from a model config by import path (``"runtime": "python"``,
 ``"parameters": {"class": "reverse:Reverse"}``): a module in the model's folder, which is a
 package of its own, so the module imports its neighbours relatively (``from . import helpers``).
-``predict`` receives every declared input as a numpy array, already checked against the config's datatype and shape, and returns a dict holding at least the
-outputs the caller asked for. BYTES tensors are object arrays of ``bytes``.
+``predict`` receives every declared input as a numpy array, already checked against the
+config's datatype and shape, and returns a dict holding at least the outputs the caller
+asked for. BYTES tensors are object arrays of ``bytes``.
 
 Where ``predict`` runs is set by the config's ``execution``:
 - ``"process"`` (the default for ``python`` models): in worker processes, so

@@ -18,8 +18,8 @@ T = TypeVar("T")
 _TYPES = {"int": int, "float": float, "str": str, "Path": Path}
 
 
-def setting(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 def env_name(name: str) -> str:
@@ -36,11 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 default = convert(os.environ[env])
             except ValueError:
                 parser.error(f"{env}={os.environ[env]!r}: expected {convert.__name__}")
+        choices = f.metadata.get("choices")
+        if choices and default not in choices:
+            parser.error(f"{env}={default!r}: expected one of {', '.join(choices)}")
         shown = "" if f.default in (None, "") else f", default {f.default}"
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             type=convert,
             default=default,
+            choices=choices,
             help=f"{f.metadata['help']} [env {env}{shown}]",
         )
 
@@ -83,6 +87,11 @@ class GatewaySettings:
     keepalive_seconds: float = setting(2.0, "interval of HTTP/2 keepalive pings to each replica")
     keepalive_timeout_seconds: float = setting(1.0, "a replica that does not answer a ping in this time is dropped")
     dns_refresh_seconds: float = setting(1.0, "shortest time between DNS re-resolutions of the upstream name")
+    balancing: str = setting(
+        "round_robin",
+        "how calls are spread over replicas: round_robin, or weighted_round_robin by the load each replica reports",
+        choices=("round_robin", "weighted_round_robin"),
+    )
     drain_seconds: float = setting(1.0, "on SIGTERM, time /readyz fails before the listener closes")
     grace_seconds: float = setting(10.0, "time in-flight requests get to finish after the drain")
     log_level: str = setting("info", "debug, info, warning or error")

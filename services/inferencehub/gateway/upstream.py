@@ -1,7 +1,9 @@
 """The gateway's gRPC client: one shared channel to every inference replica.
 
 Tuned for replicas behind a headless Service (or any multi-address target):
-- ``round_robin`` over every resolved address (the default pick_first pins one replica);
+- ``round_robin`` over every resolved address (the default pick_first pins one replica), or
+  ``weighted_round_robin``: each replica weighed by the ORCA load report in its responses' trailing
+  metadata (``inferencehub.inference.load_report``), so a slow or busy replica gets less;
 - client health checking, so a replica that reports NOT_SERVING (draining) gets no new calls;
 - retries of UNAVAILABLE with backoff, so calls in flight on a replica that dies are replayed elsewhere;
 - keepalive pings with a short ack timeout, so a frozen replica is dropped in seconds;
@@ -34,6 +36,28 @@ class UpstreamError(InferenceHubError):
         self.details = details
 
 
+# weighted_round_robin, tuned for replicas that report their load on every response:
+# - blackoutPeriod: a replica's reports are used after it has reported for this long. gRPC restarts the
+#   blackout whenever a connection becomes READY again, which happens at every max_connection_age, so
+#   it must stay short; the replicas' reports are already averaged over a second, not single samples.
+#   Until then, and for a replica with no reports yet, the replica gets the mean weight of the others:
+#   a new replica gets an equal share at once.
+# - weightExpirationPeriod: weights not refreshed for this long are dropped (back to the mean weight).
+# - weightUpdatePeriod: how often the picker's weights are recomputed (gRPC's floor is 100 ms).
+WEIGHTED_ROUND_ROBIN = {
+    "blackoutPeriod": "0.5s",
+    "weightExpirationPeriod": "10s",
+    "weightUpdatePeriod": "0.25s",
+    "errorUtilizationPenalty": 1.0,
+}
+
+
+def balancing_config(settings: GatewaySettings) -> dict:
+    if settings.balancing == "weighted_round_robin":
+        return {"weighted_round_robin": WEIGHTED_ROUND_ROBIN}
+    return {"round_robin": {}}
+
+
 def service_config(settings: GatewaySettings) -> dict:
     method: dict = {"name": [{"service": SERVICE}]}
     if settings.retry_attempts >= 2:
@@ -45,7 +69,7 @@ def service_config(settings: GatewaySettings) -> dict:
             "retryableStatusCodes": ["UNAVAILABLE"],
         }
     return {
-        "loadBalancingConfig": [{"round_robin": {}}],
+        "loadBalancingConfig": [balancing_config(settings)],
         "healthCheckConfig": {"serviceName": SERVICE},
         "methodConfig": [method],
     }

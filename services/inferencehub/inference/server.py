@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from inferencehub.errors import InferenceHubError
 from inferencehub.inference.engine import Engine, State
+from inferencehub.inference.load_report import LoadReporter
 from inferencehub.inference.metrics import InferenceMetrics
 from inferencehub.inference.repository import SHIPPED_MODELS, load_repository
 from inferencehub.inference.servicer import SERVICE_NAME, InferenceServicer
@@ -68,6 +69,7 @@ class InferenceServer:
     port: int
     metrics_port: int
     replica: str
+    load_reporter: LoadReporter
 
     @property
     def health_names(self) -> list[str]:
@@ -80,6 +82,7 @@ class InferenceServer:
 
     async def load(self) -> None:
         await self.engine.load()
+        self.load_reporter.watch({name: s.scheduler for name, s in self.engine.models.items() if s.scheduler})
         for served in self.engine.models.values():
             self.metrics.model_ready.labels(served.config.name, served.config.version).set(1)
         await self.set_health(True)
@@ -94,10 +97,17 @@ class InferenceServer:
             await asyncio.sleep(self.settings.drain_seconds)
         log.info("refusing new calls; in-flight calls have %.1fs to finish", self.settings.grace_seconds)
         await self.server.stop(self.settings.grace_seconds)
+        await self.load_reporter.stop()
         await self.engine.close()
         self.engine.workers.close()
         self.metrics.close()
         log.info("replica %s stopped", self.replica)
+
+
+def worker_pids(workers: Workers) -> list[int]:
+    """The model worker processes' ids (for the CPU share in the load report)."""
+    pool = workers.processes
+    return list(getattr(pool, "_processes", None) or ()) if pool is not None else []
 
 
 async def start(settings: InferenceSettings) -> InferenceServer:
@@ -125,15 +135,18 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     replica = settings.replica_name or f"{socket.gethostname()}:{port}"
 
     health = health_aio.HealthServicer()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, metrics, replica), server)
+    load_reporter = LoadReporter(replica, cpus=cpu_count(), worker_pids=lambda: worker_pids(workers))
+    servicer = InferenceServicer(engine, metrics, replica, load_reporter)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    instance = InferenceServer(settings, engine, metrics, server, health, port, metrics_port, replica)
+    instance = InferenceServer(settings, engine, metrics, server, health, port, metrics_port, replica, load_reporter)
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await instance.set_health(False)
     await server.start()
+    load_reporter.start()
     log.info(
         "replica %s listening: gRPC on %s:%d, metrics on %s:%d; loading %d model(s)",
         replica,

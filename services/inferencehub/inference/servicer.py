@@ -17,8 +17,9 @@ import inferencehub
 from inferencehub import logs
 from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.inference.engine import Engine, ServedModel
+from inferencehub.inference.load_report import LoadReporter
 from inferencehub.inference.metrics import UNKNOWN_MODEL, InferenceMetrics
-from inferencehub.metadata import REPLICA_KEY, REQUEST_ID_KEY
+from inferencehub.metadata import REQUEST_ID_KEY
 from inferencehub.model import ModelConfig
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -100,12 +101,19 @@ def caller_request_id(context: grpc.aio.ServicerContext, request_id: str = "") -
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, metrics: InferenceMetrics, replica: str) -> None:
+    def __init__(
+        self, engine: Engine, metrics: InferenceMetrics, replica: str, load: LoadReporter | None = None
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
-        # The replica's name travels in trailing metadata: initial metadata sent early would commit
-        # the call, and a committed call is not retried elsewhere when this replica dies mid-call.
-        self.replica_metadata = ((REPLICA_KEY, replica),)
+        self.load = load or LoadReporter(replica)
+
+    @property
+    def replica_metadata(self) -> tuple:
+        # The replica's name and its load report travel in trailing metadata: initial metadata sent
+        # early would commit the call, and a committed call is not retried elsewhere when this
+        # replica dies mid-call.
+        return self.load.trailers
 
     async def ServerLive(self, request, context):
         context.set_trailing_metadata(self.replica_metadata)
@@ -153,6 +161,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         token = logs.request_id.set(caller_request_id(context, request.id))
         in_flight = self.metrics.in_flight.labels(model)
         in_flight.inc()
+        share = self.load.begin(model)
         context.set_trailing_metadata(self.replica_metadata)
         try:
             response = await self._infer(request, context)
@@ -160,6 +169,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             code, message = exc.status, str(exc)
             log.warning("ModelInfer %s: %s: %s", request.model_name, code.name, exc)
         except asyncio.CancelledError:
+            self.load.end(share, None)
             self._count(model, grpc.StatusCode.CANCELLED, start)
             raise
         except Exception:
@@ -171,6 +181,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             in_flight.dec()
             logs.request_id.reset(token)
         # Counted before the caller hears the outcome, so a scrape right after a call sees it.
+        self.load.end(share, code)
         self._count(model, code, start)
         if code is grpc.StatusCode.OK:
             return response

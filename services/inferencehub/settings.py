@@ -66,7 +66,7 @@ class InferenceSettings:
     max_concurrent_rpcs: int = setting(1000, "calls handled at once; beyond, RESOURCE_EXHAUSTED (0: no limit)")
     drain_seconds: float = setting(1.0, "on SIGTERM, time between reporting NOT_SERVING and refusing new calls")
     grace_seconds: float = setting(10.0, "time in-flight calls get to finish after the drain")
-    max_connection_age_seconds: float = setting(30.0, "connections are closed after this age so clients re-resolve")
+    max_connection_age_seconds: float = setting(5.0, "connections are closed after this age so clients re-resolve")
     max_connection_age_grace_seconds: float = setting(10.0, "time calls on an aged connection get to finish")
     log_level: str = setting("info", "debug, info, warning or error")
 
@@ -92,6 +92,10 @@ class GatewaySettings:
         "how calls are spread over replicas: round_robin, or weighted_round_robin by the load each replica reports",
         choices=("round_robin", "weighted_round_robin"),
     )
+    replica_metrics_seconds: float = setting(
+        300.0, "per-replica metric series of a replica that served nothing for this long are dropped"
+    )
+    replica_metrics_limit: int = setting(64, "most replicas with their own metric series; the rest count as 'other'")
     drain_seconds: float = setting(1.0, "on SIGTERM, time /readyz fails before the listener closes")
     grace_seconds: float = setting(10.0, "time in-flight requests get to finish after the drain")
     log_level: str = setting("info", "debug, info, warning or error")

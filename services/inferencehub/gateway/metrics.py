@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 
+from inferencehub.gateway.replica_labels import ReplicaLabels
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -32,6 +34,8 @@ class GatewayMetrics:
             ["method", "replica", "code"],
             registry=self.registry,
         )
+        # Bounded as pods come and go (the Upstream sets the limits from the gateway's settings).
+        self.replicas = ReplicaLabels(self.upstream_calls, ("method", "replica", "code"))
 
     def upstream(self, method: str, replica: str, code: str) -> None:
-        self.upstream_calls.labels(method, replica or "none", code).inc()
+        self.upstream_calls.labels(method, self.replicas.label(replica or "none"), code).inc()

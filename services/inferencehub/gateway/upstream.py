@@ -102,6 +102,8 @@ class Upstream:
         self.channel = grpc.aio.insecure_channel(settings.upstream, options=channel_options(settings))
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.metrics = metrics
+        metrics.replicas.forget_after = settings.replica_metrics_seconds
+        metrics.replicas.limit = settings.replica_metrics_limit
 
     async def call(self, method: str, request, *, request_id: str, timeout: float):
         """Call ``method``; return the response and the name of the replica that served it."""

@@ -21,6 +21,7 @@ stands in when ``application_utilization`` is 0). What this replica reports, ave
   ``eps`` when it ends in refusals or expired deadlines.
 - ``cpu_utilization``: CPU time of this process and its model worker processes, as a fraction of the
   CPUs it may run on.
+- ``mem_utilization``: this process's resident memory as a fraction of the machine's (Linux).
 - ``rps_fractional`` and ``eps``: ``ModelInfer`` calls completed, and calls that failed on the
   replica's side (internal errors, overload, deadlines), per second.
 
@@ -89,6 +90,16 @@ class _Level:
         area = self.area + self.value * (now - self.last)
         self.area, self.last = 0.0, now
         return area
+
+
+def _memory_share() -> float:
+    """This process's resident memory as a fraction of physical memory (Linux); 0 where unknown."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            resident = int(f.read().split()[1])
+        return resident / os.sysconf("SC_PHYS_PAGES")
+    except (OSError, IndexError, ValueError, AttributeError):
+        return 0.0
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -195,7 +206,7 @@ class LoadReporter:
 
     def _publish(self) -> None:
         seconds = sum(t.seconds for t in self.ticks)
-        report = OrcaLoadReport()
+        report = OrcaLoadReport(mem_utilization=_memory_share())
         if seconds > 0:
             report.application_utilization = sum(t.busy for t in self.ticks) / seconds
             report.named_metrics["in_flight_utilization"] = sum(t.in_flight for t in self.ticks) / seconds
@@ -203,4 +214,7 @@ class LoadReporter:
             report.eps = sum(t.failed for t in self.ticks) / seconds
             report.cpu_utilization = sum(t.cpu for t in self.ticks) / seconds / self.cpus
         self.report = report
-        self.trailers = ((REPLICA_KEY, self.replica), (LOAD_REPORT_KEY, report.SerializeToString()))
+        serialized = report.SerializeToString()
+        # An all-zero report serializes to nothing, and gRPC drops empty values: then send none (same meaning).
+        name = (REPLICA_KEY, self.replica)
+        self.trailers = (name, (LOAD_REPORT_KEY, serialized)) if serialized else (name,)

@@ -88,7 +88,7 @@ class GatewaySettings:
     keepalive_timeout_seconds: float = setting(1.0, "a replica that does not answer a ping in this time is dropped")
     dns_refresh_seconds: float = setting(1.0, "shortest time between DNS re-resolutions of the upstream name")
     balancing: str = setting(
-        "round_robin",
+        "weighted_round_robin",
         "how calls are spread over replicas: round_robin, or weighted_round_robin by the load each replica reports",
         choices=("round_robin", "weighted_round_robin"),
     )

@@ -16,8 +16,8 @@ stands in when ``application_utilization`` is 0). What this replica reports, ave
 - ``named_metrics["in_flight_utilization"]``: the same with queued calls counted too (every
   ``ModelInfer`` in the replica). Not used for the weight on purpose: a weight that also falls with
   queue length feeds back on itself (more traffic, longer queue, less weight, shorter queue, more
-  weight...) and, with reports a second old, oscillates; measured, at 85% load on three equal replicas
-  it made p99 ten times worse than round robin. Queueing still lowers a replica's weight through
+  weight...) and, with reports that lag a second or two, oscillates: in one experiment, at 85% load on three
+  equal replicas, it made p99 10 to 25 times round robin's. Queueing still lowers a replica's weight through
   ``eps`` when it ends in refusals or expired deadlines.
 - ``cpu_utilization``: CPU time of this process and its model worker processes, as a fraction of the
   CPUs it may run on.

@@ -178,6 +178,7 @@ def test_a_replica_added_to_dns_serves_within_10_seconds(tmp_path, dns, policy):
         added = time.monotonic()
         wait_for(lambda: "r3" in served_by(gateway, 4), timeout=15, interval=0.1, what="r3 to serve")
         took = time.monotonic() - added
+        print(f"{policy}: r3 served {took:.1f}s after it appeared in DNS")
         assert took < 10, f"the new replica served only after {took:.1f}s"
     finally:
         if gateway is not None:
@@ -218,6 +219,7 @@ def test_a_loaded_replica_gets_less_and_a_draining_one_none(tmp_path, policy):
         assert set(load.statuses) == {200}, load.statuses
         total = sum(load.replicas.values())
         share = {name: load.replicas[name] / total for name in replicas}
+        print(f"{policy}: shares {share}")
         if policy == "weighted_round_robin":
             assert share["r3"] < 0.5 * min(share["r1"], share["r2"]), share
         else:

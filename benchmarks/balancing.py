@@ -138,9 +138,11 @@ def measure(targets: list[str], model: str, rate: float, rounds: int, seconds: f
     the summary keeps each policy's median segment for latency and the sum for counts.
     """
     upstream = "ipv4:" + ",".join(targets)
-    gateways = {policy: gateway(upstream, "--balancing", policy) for policy in POLICIES}
+    gateways: dict[str, tuple[Process, str]] = {}
     segments: dict[str, list[dict]] = {policy: [] for policy in POLICIES}
     try:
+        for policy in POLICIES:
+            gateways[policy] = gateway(upstream, "--balancing", policy)
         for _, url in gateways.values():
             bench(model, url=url, concurrency=4, duration=1.0)  # connect and warm up
         for i in range(rounds):
@@ -178,8 +180,10 @@ def combine(runs: list[dict]) -> dict:
 def scenario_sleep(tmp: Path, slow_ms: float, rate: float, timing: tuple[int, float, float]) -> dict[str, dict]:
     fast = repository(tmp / "fast", m=sleepy(20))
     slow = repository(tmp / "slow", m=sleepy(slow_ms)) if slow_ms != 20 else fast
-    replicas = [start_replica(fast, "replica-a"), start_replica(fast, "replica-b"), start_replica(slow, "replica-c")]
+    replicas: list[tuple[Process, str]] = []
     try:
+        for name, models in (("replica-a", fast), ("replica-b", fast), ("replica-c", slow)):
+            replicas.append(start_replica(models, name))
         return measure([t for _, t in replicas], "m", rate, *timing)
     finally:
         for process, _ in replicas:
@@ -191,13 +195,10 @@ def scenario_cpu(tmp: Path, timing: tuple[int, float, float]) -> tuple[dict[str,
     cores = sorted(os.sched_getaffinity(0))
     mine, theirs = cores[0], cores[-1]
     hogs = [subprocess.Popen([PYTHON, "-c", PINNED, str(theirs), "-c", "while True: pass"]) for _ in range(2)]
-    replicas = []
+    replicas: list[tuple[Process, str]] = []
     try:
-        replicas = [
-            start_replica(models, "replica-a", pin=mine),
-            start_replica(models, "replica-b", pin=mine),
-            start_replica(models, "replica-c", pin=theirs),
-        ]
+        for name, core in (("replica-a", mine), ("replica-b", mine), ("replica-c", theirs)):
+            replicas.append(start_replica(models, name, pin=core))
         targets = [t for _, t in replicas]
         gw, url = gateway("ipv4:" + ",".join(targets), "--balancing", "round_robin")
         try:

@@ -28,6 +28,7 @@ BENCHMARKS = [
     "scaling",
     "tls",
     "tracing",
+    "balancing",
 ]
 
 

@@ -20,6 +20,7 @@ BENCHMARKS = [
     "scaling",
     "tls",
     "tracing",
+    "balancing",
 ]
 
 

@@ -3,3 +3,6 @@
 REQUEST_ID_KEY = "x-request-id"  # the caller's request id, gateway -> replica, logged on both sides
 REPLICA_KEY = "x-inferencehub-replica"  # the replica that served a call, in its trailing metadata
 QUEUE_DEPTH_KEY = "x-inferencehub-queue-depth"  # requests waiting in a replica's queues, in ServerLive's trailers
+# The replica's load as a serialized xds.data.orca.v3.OrcaLoadReport, in its trailing metadata; read by
+# gRPC's weighted_round_robin policy (the name is gRPC's, fixed by the ORCA per-call protocol).
+LOAD_REPORT_KEY = "endpoint-load-metrics-bin"

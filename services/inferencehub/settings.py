@@ -22,8 +22,8 @@ OTLP_HELP = (
 )
 
 
-def setting(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 def env_name(name: str) -> str:
@@ -40,11 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 default = convert(os.environ[env])
             except ValueError:
                 parser.error(f"{env}={os.environ[env]!r}: expected {convert.__name__}")
+        choices = f.metadata.get("choices")
+        if choices and default not in choices:
+            parser.error(f"{env}={default!r}: expected one of {', '.join(choices)}")
         shown = "" if f.default in (None, "") else f", default {f.default}"
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             type=convert,
             default=default,
+            choices=choices,
             help=f"{f.metadata['help']} [env {env}{shown}]",
         )
 
@@ -66,7 +70,7 @@ class InferenceSettings:
     max_concurrent_rpcs: int = setting(1000, "calls handled at once; beyond, RESOURCE_EXHAUSTED (0: no limit)")
     drain_seconds: float = setting(1.0, "on SIGTERM, time between reporting NOT_SERVING and refusing new calls")
     grace_seconds: float = setting(10.0, "time in-flight calls get to finish after the drain")
-    max_connection_age_seconds: float = setting(30.0, "connections are closed after this age so clients re-resolve")
+    max_connection_age_seconds: float = setting(5.0, "connections are closed after this age so clients re-resolve")
     max_connection_age_grace_seconds: float = setting(10.0, "time calls on an aged connection get to finish")
     otlp_endpoint: str = setting("", OTLP_HELP)
     event_loop: str = setting("uvloop", "event loop: uvloop, or asyncio (the standard library's)")
@@ -99,6 +103,15 @@ class GatewaySettings:
     keepalive_seconds: float = setting(2.0, "interval of HTTP/2 keepalive pings to each replica")
     keepalive_timeout_seconds: float = setting(1.0, "a replica that does not answer a ping in this time is dropped")
     dns_refresh_seconds: float = setting(1.0, "shortest time between DNS re-resolutions of the upstream name")
+    balancing: str = setting(
+        "weighted_round_robin",
+        "how calls are spread over replicas: round_robin, or weighted_round_robin by the load each replica reports",
+        choices=("round_robin", "weighted_round_robin"),
+    )
+    replica_metrics_seconds: float = setting(
+        300.0, "per-replica metric series of a replica that served nothing for this long are dropped"
+    )
+    replica_metrics_limit: int = setting(64, "most replicas with their own metric series; the rest count as 'other'")
     drain_seconds: float = setting(1.0, "on SIGTERM, time /readyz fails before the listener closes")
     grace_seconds: float = setting(10.0, "time in-flight requests get to finish after the drain")
     otlp_endpoint: str = setting("", OTLP_HELP)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from inferencehub.gateway.replica_labels import ReplicaLabels
+
 MAX_CHILDREN = 4096
 COALESCED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -39,6 +42,8 @@ class GatewayMetrics:
             ["method", "replica", "code"],
             registry=self.registry,
         )
+        # Bounded as pods come and go (the Upstream sets the limits from the gateway's settings).
+        self.replicas = ReplicaLabels(self.upstream_calls, ("method", "replica", "code"))
 
         self.coalesced = Histogram(
             "inferencehub_gateway_coalesced_requests",
@@ -63,9 +68,7 @@ class GatewayMetrics:
         return child
 
     def upstream(self, method: str, replica: str, code: str) -> None:
-        self._child(
-            ("u", method, replica, code), lambda: (self.upstream_calls.labels(method, replica or "none", code),)
-        )[0].inc()
+        self.upstream_calls.labels(method, self.replicas.label(replica or "none"), code).inc()
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         """One HTTP request answered: counted by route template, method and status, and timed."""

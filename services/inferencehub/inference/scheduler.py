@@ -59,6 +59,7 @@ class ModelScheduler:
         self.max_queue = config.scheduling.max_queue_size
         self.queue: collections.deque[Pending] = collections.deque()
         self.busy = 0
+        self.on_busy: Callable[[int], None] | None = None  # told +1 / -1 as slots fill and free (load reports)
         self.slots = asyncio.Semaphore(concurrency)
         self.arrived = asyncio.Event()
         self.running: set[asyncio.Task] = set()
@@ -123,6 +124,8 @@ class ModelScheduler:
                 self.slots.release()
                 raise
             self.busy += 1
+            if self.on_busy is not None:
+                self.on_busy(1)
             task = asyncio.create_task(self._execute(batch))
             self.running.add(task)
             task.add_done_callback(self.running.discard)
@@ -219,6 +222,8 @@ class ModelScheduler:
                     pending.future.set_exception(exc)
         finally:
             self.busy -= 1
+            if self.on_busy is not None:
+                self.on_busy(-1)
             self.slots.release()
 
     def _stamp(self, batch: list[Pending], stacking: int, started: int, finished: int) -> None:

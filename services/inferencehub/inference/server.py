@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from inferencehub import tls, tracing
 from inferencehub.errors import InferenceHubError
 from inferencehub.inference.engine import Engine, State
+from inferencehub.inference.load_report import LoadReporter
 from inferencehub.inference.metrics import InferenceMetrics
 from inferencehub.inference.repository import SHIPPED_MODELS, load_repository
 from inferencehub.inference.servicer import SERVICE_NAME, InferenceServicer
@@ -71,6 +72,7 @@ class InferenceServer:
     port: int
     metrics_port: int
     replica: str
+    load_reporter: LoadReporter
     health_server: grpc.aio.Server | None = None  # plaintext, health only (see tls.py and --health-port)
     health_port: int | None = None
     tracing: tracing.Tracing | None = None
@@ -86,6 +88,7 @@ class InferenceServer:
 
     async def load(self) -> None:
         await self.engine.load()
+        self.load_reporter.watch({name: s.scheduler for name, s in self.engine.models.items() if s.scheduler})
         for served in self.engine.models.values():
             self.metrics.model_ready.labels(served.config.name, served.config.version).set(1)
         await self.set_health(True)
@@ -103,12 +106,19 @@ class InferenceServer:
         await self.server.stop(self.settings.grace_seconds)
         if self.health_server is not None:
             await self.health_server.stop(0)
+        await self.load_reporter.stop()
         await self.engine.close()
         self.engine.workers.close()
         self.metrics.close()
         if self.tracing is not None:
             self.tracing.shutdown()
         log.info("replica %s stopped", self.replica)
+
+
+def worker_pids(workers: Workers) -> list[int]:
+    """The model worker processes' ids (for the CPU share in the load report)."""
+    pool = workers.processes
+    return list(getattr(pool, "_processes", None) or ()) if pool is not None else []
 
 
 async def start(settings: InferenceSettings) -> InferenceServer:
@@ -140,18 +150,31 @@ async def start(settings: InferenceSettings) -> InferenceServer:
 
     streams_stopping = asyncio.Event()
     health = HealthServicer(streams_stopping)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, metrics, replica, tracer), server)
+    load_reporter = LoadReporter(replica, cpus=cpu_count(), worker_pids=lambda: worker_pids(workers))
+    servicer = InferenceServicer(engine, metrics, replica, tracer, load_reporter)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(ReflectionServicer(names, streams_stopping), server)
     instance = InferenceServer(
-        settings, engine, metrics, server, health, streams_stopping, port, metrics_port, replica, tracing=tracer
+        settings,
+        engine,
+        metrics,
+        server,
+        health,
+        streams_stopping,
+        port,
+        metrics_port,
+        replica,
+        load_reporter,
+        tracing=tracer,
     )
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await instance.set_health(False)
     if settings.health_port >= 0:
         instance.health_server, instance.health_port = await _health_only_server(settings, health)
     await server.start()
+    load_reporter.start()
     log.info(
         "replica %s listening: gRPC on %s:%d, metrics on %s:%d; loading %d model(s)",
         replica,

@@ -17,9 +17,10 @@ import inferencehub
 from inferencehub import logs
 from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.inference.engine import Engine, ServedModel
+from inferencehub.inference.load_report import LoadReporter
 from inferencehub.inference.metrics import UNKNOWN_MODEL, InferenceMetrics
 from inferencehub.inference.statistics import Timing
-from inferencehub.metadata import QUEUE_DEPTH_KEY, REPLICA_KEY, REQUEST_ID_KEY
+from inferencehub.metadata import QUEUE_DEPTH_KEY, REQUEST_ID_KEY
 from inferencehub.model import ModelConfig
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -122,15 +123,27 @@ class ModelChildren:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, metrics: InferenceMetrics, replica: str, tracing: Tracing | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: InferenceMetrics,
+        replica: str,
+        tracing: Tracing | None = None,
+        load: LoadReporter | None = None,
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.replica = replica
         self.tracing = tracing
-        # The replica's name travels in trailing metadata: initial metadata sent early would commit
-        # the call, and a committed call is not retried elsewhere when this replica dies mid-call.
-        self.replica_metadata = ((REPLICA_KEY, replica),)
+        self.load = load or LoadReporter(replica)
         self._children: dict[str, ModelChildren] = {}  # metric children per model (served names only), looked up once
+
+    @property
+    def replica_metadata(self) -> tuple:
+        # The replica's name and its load report travel in trailing metadata: initial metadata sent
+        # early would commit the call, and a committed call is not retried elsewhere when this
+        # replica dies mid-call.
+        return self.load.trailers
 
     def _metrics_for(self, model: str) -> ModelChildren:
         children = self._children.get(model)
@@ -202,6 +215,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         children = self._metrics_for(model)
         in_flight = children.in_flight
         in_flight.inc()
+        share = self.load.begin(model)
         context.set_trailing_metadata(self.replica_metadata)
         try:
             response = await self._infer(request, context, timing)
@@ -209,6 +223,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             code, message = exc.status, str(exc)
             log.warning("ModelInfer %s: %s: %s", request.model_name, code.name, exc)
         except asyncio.CancelledError:
+            self.load.end(share, None)
             children.count(grpc.StatusCode.CANCELLED, start)
             if span is not None:
                 span.end()
@@ -222,6 +237,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             in_flight.dec()
             logs.request_id.reset(token)
         # Counted before the caller hears the outcome, so a scrape right after a call sees it.
+        self.load.end(share, code)
         children.count(code, start)
         if served is not None and served.stats is not None:
             if code is grpc.StatusCode.OK:

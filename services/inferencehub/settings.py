@@ -18,8 +18,9 @@ T = TypeVar("T")
 _TYPES = {"int": int, "float": float, "str": str, "Path": Path}
 
 
-def setting(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, flag: str = "") -> Any:
+    """A field; its flag is ``--field-name`` unless ``flag`` names another (the env var keeps the field's name)."""
+    return field(default=default, metadata={"help": help, "flag": flag})
 
 
 def env_name(name: str) -> str:
@@ -38,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 parser.error(f"{env}={os.environ[env]!r}: expected {convert.__name__}")
         shown = "" if f.default in (None, "") else f", default {f.default}"
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
+            f.metadata.get("flag") or "--" + f.name.replace("_", "-"),
+            dest=f.name,
             type=convert,
             default=default,
             help=f"{f.metadata['help']} [env {env}{shown}]",
@@ -64,6 +66,10 @@ class InferenceSettings:
     grace_seconds: float = setting(10.0, "time in-flight calls get to finish after the drain")
     max_connection_age_seconds: float = setting(30.0, "connections are closed after this age so clients re-resolve")
     max_connection_age_grace_seconds: float = setting(10.0, "time calls on an aged connection get to finish")
+    nats_url: str = setting("", "NATS server(s) with JetStream to pull asynchronous jobs from (empty: none)", "--nats")
+    jobs_lease_seconds: float = setting(30.0, "a job held this long without a heartbeat is redelivered elsewhere")
+    jobs_max_attempts: int = setting(3, "deliveries that may start a job; a job that outlives them fails")
+    jobs_per_model: int = setting(0, "jobs held at once per model (0: twice the model's execution slots)")
     log_level: str = setting("info", "debug, info, warning or error")
 
 
@@ -85,6 +91,10 @@ class GatewaySettings:
     dns_refresh_seconds: float = setting(1.0, "shortest time between DNS re-resolutions of the upstream name")
     drain_seconds: float = setting(1.0, "on SIGTERM, time /readyz fails before the listener closes")
     grace_seconds: float = setting(10.0, "time in-flight requests get to finish after the drain")
+    nats_url: str = setting("", "NATS server(s) with JetStream for asynchronous jobs (empty: none)", "--nats")
+    jobs_max_queue: int = setting(10000, "unfinished jobs allowed per model; beyond, 429")
+    jobs_ttl_seconds: float = setting(86400.0, "how long job records and results are kept")
+    jobs_replicas: int = setting(1, "replicas of the job stream and bucket (3 on a 3-node JetStream cluster)")
     log_level: str = setting("info", "debug, info, warning or error")
 
 
@@ -95,4 +105,11 @@ class UpSettings:
     inference_port: int = setting(8081, "each replica's gRPC port (0: any free port)")
     inference_metrics_port: int = setting(8082, "each replica's metrics port (0: any free port)")
     models: Path | None = setting(None, "model repository folder (default: the shipped models)")
+    nats_url: str = setting(
+        "embedded",
+        "job queue for async inference: 'embedded' starts a single-node NATS with JetStream in a temporary "
+        "folder, a URL uses that server, 'none' runs without one",
+        "--nats",
+    )
+    nats_port: int = setting(4222, "the embedded NATS server's client port on 127.0.0.1 (0: any free port)")
     log_level: str = setting("info", "debug, info, warning or error")

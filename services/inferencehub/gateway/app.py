@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import inferencehub
 from inferencehub import logs
 from inferencehub.errors import InferenceHubError, InvalidInput
-from inferencehub.gateway import rest
+from inferencehub.gateway import jobs, rest
 from inferencehub.gateway.http_errors import error_response, upstream_error_response
 from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.gateway.openapi import openapi_document
@@ -199,6 +199,9 @@ async def infer(request: web.Request) -> web.Response:
     body = await request.read()
     header_length = rest.parse_header_length(request.headers.get(rest.HEADER_LENGTH), len(body))
     message, plan = rest.parse_infer_request(body, header_length, name, version)
+    wait = jobs.async_preference(request)
+    if wait is not None:
+        return await jobs.submit(request, message, plan, wait)
     response, replica = await call(request, "ModelInfer", message)
     payload, headers = rest.render_infer_response(response, plan)
     headers[REPLICA_KEY] = replica
@@ -222,7 +225,7 @@ def routes() -> list[web.RouteDef]:
             web.get(prefix + "/config", model_config),
             web.post(prefix + "/infer", infer),
         ]
-    return table
+    return table + jobs.routes()
 
 
 # --- the app and its process ---------------------------------------------------------------
@@ -241,6 +244,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[METRICS] = GatewayMetrics()
     app[STATE] = GatewayState()
     app.cleanup_ctx.append(_upstream_ctx)
+    if settings.nats_url:
+        jobs.install(app, settings, app[METRICS].registry)
     app.add_routes(routes())
     return app
 

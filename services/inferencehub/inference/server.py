@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from inferencehub.errors import InferenceHubError
 from inferencehub.inference.engine import Engine, State
+from inferencehub.inference.jobs import JobRunner
 from inferencehub.inference.metrics import InferenceMetrics
 from inferencehub.inference.repository import SHIPPED_MODELS, load_repository
 from inferencehub.inference.servicer import SERVICE_NAME, InferenceServicer
@@ -68,6 +69,7 @@ class InferenceServer:
     port: int
     metrics_port: int
     replica: str
+    jobs: JobRunner | None = None
 
     @property
     def health_names(self) -> list[str]:
@@ -84,9 +86,14 @@ class InferenceServer:
             self.metrics.model_ready.labels(served.config.name, served.config.version).set(1)
         await self.set_health(True)
         log.info("replica %s ready: %s", self.replica, ", ".join(self.engine.models))
+        if self.settings.nats_url:
+            self.jobs = JobRunner(self.settings, self.engine, self.metrics.registry, self.replica)
+            self.jobs.start()
 
     async def stop(self) -> None:
         """Drain, then stop: NOT_SERVING, wait, refuse new calls, let in-flight ones finish."""
+        # Jobs stop being pulled at once; held ones finish within the grace, alongside the synchronous drain.
+        jobs = asyncio.ensure_future(self.jobs.stop(self.settings.grace_seconds)) if self.jobs else None
         if self.engine.state is State.SERVING:
             self.engine.state = State.DRAINING
             await self.set_health(False)
@@ -94,6 +101,8 @@ class InferenceServer:
             await asyncio.sleep(self.settings.drain_seconds)
         log.info("refusing new calls; in-flight calls have %.1fs to finish", self.settings.grace_seconds)
         await self.server.stop(self.settings.grace_seconds)
+        if jobs is not None:
+            await jobs
         await self.engine.close()
         self.engine.workers.close()
         self.metrics.close()

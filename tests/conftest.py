@@ -322,3 +322,12 @@ def nats(tmp_path_factory) -> Iterator[NatsServer]:
         yield server
     finally:
         server.stop()
+
+
+JOB_UNKNOWN_ID = "0123456789abcdef0123456789abcdef"
+JOB_FINAL = {"succeeded", "failed", "cancelled"}
+
+
+def job_queue_ready(gateway: Gateway) -> bool:
+    """The gateway's job queue answers (an unknown job is 404, not 503)."""
+    return gateway.request("GET", f"/v2/jobs/{JOB_UNKNOWN_ID}").status == 404

@@ -15,12 +15,27 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from conftest import SHIPPED, TEST_MODELS, Gateway, NatsServer, Replica, model_repository, wait_for
+from conftest import (
+    JOB_FINAL as FINAL,
+)
+from conftest import (
+    JOB_UNKNOWN_ID as UNKNOWN_ID,
+)
+from conftest import (
+    SHIPPED,
+    TEST_MODELS,
+    Gateway,
+    NatsServer,
+    Replica,
+    model_repository,
+    wait_for,
+)
+from conftest import (
+    job_queue_ready as queue_ready,
+)
 
 IRIS_BODY = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [6.3, 3.3, 6.0, 2.5]}]}
 ASYNC = {"Prefer": "respond-async", "Content-Type": "application/json"}
-UNKNOWN_ID = "0123456789abcdef0123456789abcdef"
-FINAL = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +65,6 @@ def jobs_replica(nats, tmp_path_factory):
         yield server.wait_serving()
     finally:
         server.stop()
-
-
-def queue_ready(gateway: Gateway) -> bool:
-    return gateway.request("GET", f"/v2/jobs/{UNKNOWN_ID}").status == 404
 
 
 @pytest.fixture(scope="module")

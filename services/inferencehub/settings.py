@@ -111,5 +111,5 @@ class UpSettings:
         "folder, a URL uses that server, 'none' runs without one",
         "--nats",
     )
-    nats_port: int = setting(4222, "the embedded NATS server's client port on 127.0.0.1 (0: any free port)")
+    nats_port: int = setting(0, "the embedded NATS server's client port on 127.0.0.1 (0: any free port)")
     log_level: str = setting("info", "debug, info, warning or error")

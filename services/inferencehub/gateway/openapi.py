@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import inferencehub
+from inferencehub.gateway.jobs import openapi_paths as openapi_job_paths
 from inferencehub.tensors import DATATYPES
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -124,6 +125,7 @@ def openapi_document() -> dict[str, Any]:
             "/v2/health/ready": {"get": {"summary": "Server readiness", "responses": {**plain, **_errors(503)}}},
             **_model_paths("/v2/models/{model}"),
             **_model_paths("/v2/models/{model}/versions/{version}"),
+            **openapi_job_paths(),
         },
         "components": {
             "schemas": {

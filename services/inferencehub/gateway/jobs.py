@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 PUBLISH_TIMEOUT = 5.0
+FAILOVER_SECONDS = 8.0  # a submit waits this long for a JetStream cluster to elect a new leader
 HEADER_ROOM = 1024  # bytes of a job message's limit kept for its NATS headers
 METADATA_TTL = 5.0  # seconds a model's metadata is reused for checking submissions
 STATS_INTERVAL = 2.0
@@ -253,8 +254,14 @@ class JobQueue:
             jobqueue.CREATED_HEADER: repr(created),
             jobqueue.PLAN_HEADER: jobqueue.plan_header(plan.binary_default, plan.binary),
         }
+        deadline = time.monotonic() + FAILOVER_SECONDS
         try:
-            ack = await self.js.publish(jobqueue.subject(message.model_name), payload, headers=headers)
+            ack = await self._retrying(
+                lambda timeout: self.js.publish(
+                    jobqueue.subject(message.model_name), payload, headers=headers, timeout=timeout
+                ),
+                deadline,
+            )
         except APIError as exc:
             if exc.err_code == 10077:  # maximum messages per subject exceeded
                 raise QueueFull(
@@ -273,8 +280,30 @@ class JobQueue:
             binary_default=plan.binary_default,
             binary=dict(plan.binary),
         )
-        current = await jobqueue.transition(self.kv, job_id, lambda cur: record if cur is None else None)
+        current = await self._retrying(
+            lambda _: jobqueue.transition(self.kv, job_id, lambda cur: record if cur is None else None), deadline
+        )
         return current or record
+
+    async def _retrying(self, attempt, deadline: float):
+        """Run ``attempt(timeout)``, again while the stream has no leader (a JetStream cluster failing over) or
+        the call times out, until ``deadline``: the job's Nats-Msg-Id makes a repeated publish a no-op."""
+        from nats.errors import NoRespondersError
+        from nats.errors import TimeoutError as NatsTimeout
+        from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
+        pause = 0.05
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return await attempt(max(0.5, min(PUBLISH_TIMEOUT, left)))
+            except (NoStreamResponseError, NoRespondersError, NatsTimeout, ServiceUnavailableError) as exc:
+                if getattr(exc, "err_code", None) == 10077 or time.monotonic() + pause >= deadline:
+                    raise
+                if not self.nc.is_connected:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
     async def get(self, job_id: str) -> JobRecord | None:
         if not jobqueue.JOB_ID.match(job_id):

@@ -379,3 +379,28 @@ def test_without_a_queue_the_preference_is_not_applied(gateway):
     assert response.status == 200 and "preference-applied" not in response.headers
     assert response.json()["outputs"][1]["data"] == [2]
     assert gateway.request("GET", f"/v2/jobs/{UNKNOWN_ID}").status == 404
+
+
+def test_an_idempotent_retry_completes_a_submission_that_stopped_half_way(nats, jobs_gateway):
+    """A gateway that died after claiming the key but before queueing: the retry queues the same job id."""
+    import asyncio
+
+    import nats as nats_client
+
+    from inferencehub import jobqueue
+
+    key, job_id = f"half-{random.getrandbits(64)}", jobqueue.new_job_id()
+
+    async def claim_key_only() -> None:
+        nc = await nats_client.connect(nats.url)
+        try:
+            kv = await nc.jetstream().key_value(jobqueue.BUCKET)
+            await kv.create(jobqueue.idempotency_key(key), job_id.encode())
+        finally:
+            await nc.close()
+
+    asyncio.run(claim_key_only())
+    assert jobs_gateway.request("GET", f"/v2/jobs/{job_id}").status == 404
+    retried = submit(jobs_gateway, "iris", IRIS_BODY, {"Idempotency-Key": key})
+    assert retried.status == 202 and retried.json()["id"] == job_id
+    assert poll(jobs_gateway, job_id)["result"]["outputs"][1]["data"] == [2]

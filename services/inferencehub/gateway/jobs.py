@@ -238,11 +238,10 @@ class JobQueue:
             raise IdempotencyConflict(
                 f"{IDEMPOTENCY_HEADER} {idempotency!r} already names job {job_id} for model '{record.model}'"
             )
-        if record is None or record.status == QUEUED:
-            # The first submission may have stopped between its steps (a gateway that died): publish and record
-            # again; the stream drops the duplicate message (same Nats-Msg-Id) and the record is created once.
-            created = record.created if record is not None else jobqueue.now()
-            record = await self._enqueue(job_id, message, payload, plan, created)
+        if record is None:
+            # The first submission stopped before its record was written (a gateway that died, a 503): publish and
+            # record now; if it had been published, the stream drops the duplicate (same Nats-Msg-Id).
+            record = await self._enqueue(job_id, message, payload, plan, jobqueue.now())
         return record
 
     async def _enqueue(self, job_id: str, message, payload: bytes, plan, created: float) -> JobRecord:

@@ -254,3 +254,17 @@ def test_rendered_containers_run_an_async_job_end_to_end(tmp_path):
     finally:
         for server in servers:
             server.kill()
+
+
+def test_notes_show_an_async_call():
+    helm4 = ROOT / ".cache" / "tools" / "helm-4" / "helm"
+    done = subprocess.run(
+        [str(helm4), "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.split("NOTES:", 1)[1]
+    assert f"nats://{NATS_SERVICE}.{NAMESPACE}.svc.cluster.local:4222" in notes
+    assert "-H 'Prefer: respond-async'" in notes and "/v2/jobs/JOB_ID" in notes

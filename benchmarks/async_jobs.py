@@ -98,7 +98,7 @@ def stamp(text: str) -> float:
 
 
 def run(out: Path, quick: bool) -> str:
-    count, rate = (40, 40.0) if quick else (1000, 200.0)
+    count, rate = (20, 40.0) if quick else (1000, 200.0)
     model = "mock-heavy"
     with tempfile.TemporaryDirectory() as tmp:
         config = json.loads((SHIPPED / model / "config.json").read_text())
@@ -112,7 +112,7 @@ def run(out: Path, quick: bool) -> str:
         try:
             front.wait_for("job queue ready")
             server.wait_for("jobs: pulling")
-            capacity = bench(model, url=url, concurrency=4, duration=3.0 if quick else 20.0)["throughput_rps"]
+            capacity = bench(model, url=url, concurrency=4, duration=1.5 if quick else 20.0)["throughput_rps"]
             deadline = {"X-InferenceHub-Deadline-Ms": str(int(DEADLINE_S * 1000))}
             sync = asyncio.run(burst(url, model, count, rate, deadline, DEADLINE_S))
             submits = asyncio.run(burst(url, model, count, rate, {"Prefer": "respond-async"}, 30.0))

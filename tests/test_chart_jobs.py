@@ -18,8 +18,10 @@ from inferencehub import jobqueue
 
 from conftest import (
     ROOT,
+    SHIPPED,
     Server,
     free_port,
+    model_repository,
     nats_server_binary,
     wait_for,
 )
@@ -200,6 +202,7 @@ def test_rendered_containers_run_an_async_job_end_to_end(tmp_path):
             INFERENCEHUB_METRICS_PORT="0",
             INFERENCEHUB_NATS_URL=url,
             INFERENCEHUB_REPLICA_NAME="inference-pod-0",
+            INFERENCEHUB_MODELS=str(model_repository(tmp_path / "models", SHIPPED / "iris")),  # quicker to load
         )
         replica = Manifested(
             [sys.executable, "-m", "inferencehub", "inference"], inference_env, r"listening: gRPC on [\d.]+:(\d+)"

@@ -85,5 +85,12 @@ def test_requests_are_checked_against_the_metadata_with_the_replica_s_messages(g
     assert str(caught.value) == message
 
 
+def test_a_batch_over_max_batch_size_is_refused_as_the_scheduler_does():
+    with pytest.raises(InvalidInput) as caught:
+        jobqueue.check_request(request(("features", "FP32", [65, 4])), METADATA, max_batch_size=64)
+    assert str(caught.value) == "model 'iris': a request of 65 rows is over its max_batch_size (64); split it"
+    jobqueue.check_request(request(("features", "FP32", [64, 4])), METADATA, max_batch_size=64)
+
+
 def test_a_valid_request_passes():
     jobqueue.check_request(request(("features", "FP32", [3, 4]), outputs=["label"]), METADATA)

@@ -38,6 +38,12 @@ from conftest import (
 
 IRIS_BODY = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [6.3, 3.3, 6.0, 2.5]}]}
 ASYNC = {"Prefer": "respond-async", "Content-Type": "application/json"}
+OVERSIZED_BATCH = {
+    "inputs": [
+        {"name": "input", "shape": [17, 1], "datatype": "FP32", "data": [0.0] * 17},
+        {"name": "tag", "shape": [17], "datatype": "INT64", "data": [0] * 17},
+    ]
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +54,7 @@ def jobs_replica(nats, tmp_path_factory):
         SHIPPED / "mock",
         TEST_MODELS / "slow-one",
         TEST_MODELS / "always-fails",
+        TEST_MODELS / "batch-echo",
     )
     server = Replica(
         "--models",
@@ -222,6 +229,7 @@ def test_bad_input_is_refused_before_queueing_with_the_synchronous_answer(jobs_g
         ("iris", {"inputs": [{"name": "features", "shape": [4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}, 400),
         ("iris", dict(IRIS_BODY, outputs=[{"name": "nope"}]), 400),
         ("no-such-model", IRIS_BODY, 404),
+        ("batch-echo", OVERSIZED_BATCH, 400),  # 17 rows, max_batch_size 16: the scheduler's check
     ]
     for model, body, status in cases:
         queued = submit(jobs_gateway, model, body)

@@ -244,9 +244,9 @@ def plan_header(binary_default: bool, binary: dict[str, bool]) -> str:
     return json.dumps({"binary_default": binary_default, "binary": binary}, separators=(",", ":"))
 
 
-def check_request(request, metadata) -> None:
-    """Check a ModelInferRequest against the model's metadata, with the replica's messages: what a synchronous
-    call would answer 400 for is refused before the job is queued."""
+def check_request(request, metadata, max_batch_size: int = 0) -> None:
+    """Check a ModelInferRequest against the model's metadata (and batch limit), with the replica's messages: what
+    a synchronous call would answer 400 for is refused before the job is queued."""
     from inferencehub.errors import InvalidInput
 
     name = metadata.name
@@ -272,3 +272,8 @@ def check_request(request, metadata) -> None:
     for requested in request.outputs:
         if requested.name not in outputs:
             raise InvalidInput(f"model '{name}' has no output '{requested.name}' (its outputs: {', '.join(outputs)})")
+    rows = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 0
+    if max_batch_size and rows > max_batch_size:
+        raise InvalidInput(
+            f"model '{name}': a request of {rows} rows is over its max_batch_size ({max_batch_size}); split it"
+        )

@@ -1,7 +1,7 @@
 """Asynchronous inference in the gateway: ``Prefer: respond-async`` queues a job on NATS JetStream.
 
 - ``POST .../infer`` with ``Prefer: respond-async``: validated exactly as a synchronous request (the body by
-  ``rest``, the tensors against the model's metadata, with the replica's messages), then published to the
+  ``rest``, the tensors against the model's metadata and batch limit, with the replica's messages), then published to the
   model's subject; 202 with ``Location: /v2/jobs/{id}`` and ``Preference-Applied: respond-async``.
   ``wait=N`` waits up to N seconds for the result (200 with the inference response when it is done).
 - ``GET /v2/jobs/{id}``: the job, with ``result`` (the response the synchronous route would have given, binary
@@ -388,25 +388,34 @@ class JobQueue:
 
     # --- checks before queueing ----------------------------------------------------------
 
-    async def model_metadata(self, upstream, message, request_id: str) -> pb.ModelMetadataResponse | None:
-        """The model's metadata (cached briefly); None when no replica answers now: the job may wait for one."""
+    async def model_metadata(self, upstream, message, request_id: str) -> tuple[pb.ModelMetadataResponse, int] | None:
+        """The model's metadata and max_batch_size (0: no batching), cached briefly; None when no replica answers
+        now: the job may wait for one."""
         key = (message.model_name, message.model_version)
         cached = self.metadata.get(key)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        timeout = min(5.0, self.settings.deadline_seconds)
         try:
             metadata, _ = await upstream.call(
                 "ModelMetadata",
                 pb.ModelMetadataRequest(name=message.model_name, version=message.model_version),
                 request_id=request_id,
-                timeout=min(5.0, self.settings.deadline_seconds),
+                timeout=timeout,
+            )
+            config, _ = await upstream.call(
+                "ModelConfig",
+                pb.ModelConfigRequest(name=message.model_name, version=message.model_version),
+                request_id=request_id,
+                timeout=timeout,
             )
         except UpstreamError as exc:
             if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 raise
             return None
-        self.metadata[key] = (time.monotonic() + METADATA_TTL, metadata)
-        return metadata
+        found = (metadata, config.config.max_batch_size)
+        self.metadata[key] = (time.monotonic() + METADATA_TTL, found)
+        return found
 
 
 JOBS = web.AppKey("jobs", JobQueue)
@@ -450,9 +459,9 @@ async def submit(
     idempotency = _idempotency(request)
     try:
         jobs.check_available()
-        metadata = await jobs.model_metadata(request.app[UPSTREAM], message, logs.request_id.get())
-        if metadata is not None:
-            jobqueue.check_request(message, metadata)
+        model = await jobs.model_metadata(request.app[UPSTREAM], message, logs.request_id.get())
+        if model is not None:
+            jobqueue.check_request(message, *model)
         record, _ = await jobs.submit(message, plan, idempotency)
         if wait > 0 and record.status not in FINAL:
             record = await jobs.wait(record.id, wait) or record

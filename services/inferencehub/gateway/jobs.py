@@ -1,8 +1,8 @@
 """Asynchronous inference in the gateway: ``Prefer: respond-async`` queues a job on NATS JetStream.
 
 - ``POST .../infer`` with ``Prefer: respond-async``: validated exactly as a synchronous request (the body by
-  ``rest``, the tensors against the model's metadata and batch limit, with the replica's messages), then published to the
-  model's subject; 202 with ``Location: /v2/jobs/{id}`` and ``Preference-Applied: respond-async``.
+  ``rest``, the tensors against the model's metadata and batch limit, with the replica's messages), then
+  published to the model's subject; 202 with ``Location: /v2/jobs/{id}`` and ``Preference-Applied: respond-async``.
   ``wait=N`` waits up to N seconds for the result (200 with the inference response when it is done).
 - ``GET /v2/jobs/{id}``: the job, with ``result`` (the response the synchronous route would have given, binary
   outputs as the binary extension) when it succeeded, ``error`` when it failed.

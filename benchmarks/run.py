@@ -29,6 +29,7 @@ BENCHMARKS = [
     "tls",
     "tracing",
     "balancing",
+    "async_jobs",
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from inferencehub.processes import Child, ChildError, gateway_command, inference_command
+from inferencehub.processes import Child, ChildError, NatsChild, gateway_command, inference_command
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "services" / "inferencehub" / "model_repository"
@@ -174,3 +175,86 @@ def gateway(replica) -> Iterator[Gateway]:
         yield server
     finally:
         server.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class NatsServer(NatsChild):
+    """A nats-server with JetStream on a loopback port, its store in a temporary folder; ready once it says so."""
+
+    def __init__(self, store: Path, *args: str) -> None:
+        self.store = store
+        self.args = args
+        super().__init__("nats", str(store), *args)
+        try:
+            self.url = self.wait_listening(60)["nats"]
+            self.wait_log("Server is ready", 60)  # JetStream up (a cluster node: its quorum found)
+        except ChildError as exc:
+            self.kill()
+            raise AssertionError(str(exc)) from None
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def check_running(self) -> None:
+        if not self.running:
+            raise AssertionError(f"nats-server exited with {self.returncode}:\n{self.log}")
+
+
+def nats_cluster(tmp: Path, size: int = 3) -> list[NatsServer]:
+    """A JetStream cluster of ``size`` nats-server processes routed to each other on loopback."""
+    ports = [free_port() for _ in range(size)]
+    routes = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+    servers: list[NatsServer] = []
+    procs = []
+    # The nodes must start together: each waits for a quorum before it says it is ready.
+    for i, port in enumerate(ports):
+        procs.append(
+            threading.Thread(
+                target=lambda i=i, port=port: servers.append(
+                    NatsServer(
+                        tmp / f"node{i}",
+                        "--name",
+                        f"node{i}",
+                        "--cluster_name",
+                        "inferencehub-test",
+                        "--cluster",
+                        f"nats://127.0.0.1:{port}",
+                        "--routes",
+                        routes,
+                    )
+                )
+            )
+        )
+    for thread in procs:
+        thread.start()
+    for thread in procs:
+        thread.join(60)
+    if len(servers) != size:
+        for server in servers:
+            server.stop()
+        raise AssertionError("the NATS cluster did not start")
+    return sorted(servers, key=lambda s: s.args[1])
+
+
+@pytest.fixture(scope="module")
+def nats(tmp_path_factory) -> Iterator[NatsServer]:
+    """A single-node NATS server with JetStream, for one test module."""
+    server = NatsServer(tmp_path_factory.mktemp("nats"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+JOB_UNKNOWN_ID = "0123456789abcdef0123456789abcdef"
+JOB_FINAL = {"succeeded", "failed", "cancelled"}
+
+
+def job_queue_ready(gateway: Gateway) -> bool:
+    """The gateway's job queue answers (an unknown job is 404, not 503)."""
+    return gateway.request("GET", f"/v2/jobs/{JOB_UNKNOWN_ID}").status == 404

@@ -21,6 +21,7 @@ BENCHMARKS = [
     "tls",
     "tracing",
     "balancing",
+    "async_jobs",
 ]
 
 

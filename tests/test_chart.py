@@ -227,7 +227,7 @@ def test_policies(rendered, values):
 
     pods = {
         d["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"]["template"]
-        for d in by_kind(objects, "Deployment")
+        for d in by_kind(objects, "Deployment") + by_kind(objects, "StatefulSet")  # StatefulSet: the job queue
     }
     for service in by_kind(objects, "Service"):
         component = service["metadata"]["labels"]["app.kubernetes.io/component"]

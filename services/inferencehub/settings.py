@@ -22,8 +22,10 @@ OTLP_HELP = (
 )
 
 
-def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def setting(default: Any, help: str, flag: str = "", choices: tuple[str, ...] | None = None) -> Any:
+    """A field; its flag is ``--field-name`` unless ``flag`` names another (the env var keeps the field's name);
+    ``choices`` limits its values."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
 
 
 def env_name(name: str) -> str:
@@ -45,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.error(f"{env}={default!r}: expected one of {', '.join(choices)}")
         shown = "" if f.default in (None, "") else f", default {f.default}"
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
+            f.metadata.get("flag") or "--" + f.name.replace("_", "-"),
+            dest=f.name,
             type=convert,
             default=default,
             choices=choices,
@@ -74,6 +77,10 @@ class InferenceSettings:
     max_connection_age_grace_seconds: float = setting(10.0, "time calls on an aged connection get to finish")
     otlp_endpoint: str = setting("", OTLP_HELP)
     event_loop: str = setting("uvloop", "event loop: uvloop, or asyncio (the standard library's)")
+    nats_url: str = setting("", "NATS server(s) with JetStream to pull asynchronous jobs from (empty: none)", "--nats")
+    jobs_lease_seconds: float = setting(30.0, "a job held this long without a heartbeat is redelivered elsewhere")
+    jobs_max_attempts: int = setting(3, "deliveries that may start a job; a job that outlives them fails")
+    jobs_per_model: int = setting(0, "jobs held at once per model (0: twice the model's execution slots)")
     log_level: str = setting("info", "debug, info, warning or error")
     listen_file: Path | None = setting(None, "once listening, write the addresses there as JSON (for supervisors)")
     # Mutual TLS (all three together): then the gRPC port refuses plaintext and clients without a certificate
@@ -121,6 +128,10 @@ class GatewaySettings:
     coalesce_max_delay_ms: float = setting(2.0, "longest a request waits for others to travel with (coalescing)")
     coalesce_off_models: str = setting("", "comma-separated models whose requests are never coalesced")
     event_loop: str = setting("uvloop", "event loop: uvloop, or asyncio (the standard library's)")
+    nats_url: str = setting("", "NATS server(s) with JetStream for asynchronous jobs (empty: none)", "--nats")
+    jobs_max_queue: int = setting(10000, "unfinished jobs allowed per model; beyond, 429")
+    jobs_ttl_seconds: float = setting(86400.0, "how long job records and results are kept")
+    jobs_replicas: int = setting(1, "replicas of the job stream and bucket (3 on a 3-node JetStream cluster)")
     log_level: str = setting("info", "debug, info, warning or error")
     listen_file: Path | None = setting(None, "once listening, write the address there as JSON (for supervisors)")
     # Who may call: API keys and rate limits (see gateway/auth.py), mutual TLS to the replicas (see tls.py).
@@ -144,5 +155,12 @@ class UpSettings:
     inference_port: int = setting(8081, "each replica's gRPC port (0: any free port)")
     inference_metrics_port: int = setting(8082, "each replica's metrics port (0: any free port)")
     models: Path | None = setting(None, "model repository folder (default: the shipped models)")
+    nats_url: str = setting(
+        "embedded",
+        "job queue for async inference: 'embedded' starts a single-node NATS with JetStream in a temporary "
+        "folder, a URL uses that server, 'none' runs without one",
+        "--nats",
+    )
+    nats_port: int = setting(0, "the embedded NATS server's client port on 127.0.0.1 (0: any free port)")
     log_level: str = setting("info", "debug, info, warning or error")
     listen_file: Path | None = setting(None, "once everything is ready, write the addresses there as JSON")

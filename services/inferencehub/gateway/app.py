@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import inferencehub
 from inferencehub import logs, tracing
 from inferencehub.errors import InferenceHubError, InvalidInput
-from inferencehub.gateway import rest, statistics
+from inferencehub.gateway import jobs, rest, statistics
 from inferencehub.gateway.auth import Access
 from inferencehub.gateway.coalescer import Coalescer, coalescer_for
 from inferencehub.gateway.connections import BodyTimeout, GatewayRunner, Limits
@@ -274,6 +274,9 @@ async def infer(request: web.Request) -> web.Response:
     tracer = request.app[TRACING]
     with tracing.NULL if tracer is None else tracer.span("parse"):
         message, plan = rest.parse_infer_request(body, header_length, name, version)
+    wait = jobs.async_preference(request)
+    if wait is not None:
+        return await jobs.submit(request, message, plan, wait)
     response, replica = await request.app[COALESCER].infer(
         message, request_id=logs.request_id.get(), timeout=deadline(request)
     )
@@ -316,7 +319,7 @@ def routes() -> list[web.RouteDef]:
             get(prefix + "/stats", model_statistics),
             web.post(prefix + "/infer", infer, expect_handler=expect),
         ]
-    return table
+    return table + jobs.routes()
 
 
 # --- the app and its process ---------------------------------------------------------------
@@ -349,6 +352,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
         app.middlewares.insert(1, access.middleware())
     app[TRAFFIC] = Traffic()
     app.cleanup_ctx.append(_upstream_ctx)
+    if settings.nats_url:
+        jobs.install(app, settings, app[METRICS].registry)
     app.add_routes(routes())
     return app
 

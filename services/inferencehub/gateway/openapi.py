@@ -13,6 +13,7 @@ import msgspec
 
 import inferencehub
 from inferencehub.gateway import schema
+from inferencehub.gateway.jobs import openapi_paths as openapi_job_paths
 
 REF = "#/components/schemas/{name}"
 DEADLINE_HEADER = "X-InferenceHub-Deadline-Ms"
@@ -151,6 +152,7 @@ def openapi_document() -> dict[str, Any]:
             "/v2/health/ready": _get("Server readiness", _answers(schema.Ready, *UPSTREAM_ERRORS), UPSTREAM_HEADERS),
             **_model_paths("/v2/models/{model}"),
             **_model_paths("/v2/models/{model}/versions/{version}"),
+            **openapi_job_paths(),
         },
         "components": {"schemas": components},
     }

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from inferencehub import tls, tracing
 from inferencehub.errors import InferenceHubError
 from inferencehub.inference.engine import Engine, State
+from inferencehub.inference.jobs import JobRunner
 from inferencehub.inference.load_report import LoadReporter
 from inferencehub.inference.metrics import InferenceMetrics
 from inferencehub.inference.repository import SHIPPED_MODELS, load_repository
@@ -76,6 +77,7 @@ class InferenceServer:
     health_server: grpc.aio.Server | None = None  # plaintext, health only (see tls.py and --health-port)
     health_port: int | None = None
     tracing: tracing.Tracing | None = None
+    jobs: JobRunner | None = None
 
     @property
     def health_names(self) -> list[str]:
@@ -93,9 +95,14 @@ class InferenceServer:
             self.metrics.model_ready.labels(served.config.name, served.config.version).set(1)
         await self.set_health(True)
         log.info("replica %s ready: %s", self.replica, ", ".join(self.engine.models))
+        if self.settings.nats_url:
+            self.jobs = JobRunner(self.settings, self.engine, self.metrics.registry, self.replica)
+            self.jobs.start()
 
     async def stop(self) -> None:
         """Drain, then stop: NOT_SERVING, wait, refuse new calls, let in-flight ones finish."""
+        # Jobs stop being pulled at once; held ones finish within the grace, alongside the synchronous drain.
+        jobs = asyncio.ensure_future(self.jobs.stop(self.settings.grace_seconds)) if self.jobs else None
         if self.engine.state is State.SERVING:
             self.engine.state = State.DRAINING
             await self.set_health(False)
@@ -107,6 +114,8 @@ class InferenceServer:
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.load_reporter.stop()
+        if jobs is not None:
+            await jobs
         await self.engine.close()
         self.engine.workers.close()
         self.metrics.close()

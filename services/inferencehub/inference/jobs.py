@@ -1,0 +1,413 @@
+"""The replica's side of asynchronous jobs: pull jobs from NATS JetStream and run them through the engine.
+
+For each model it serves, the replica binds the model's durable pull consumer (shared by all replicas) and
+fetches only while it has room: at most ``jobs_per_model`` jobs held at once (default twice the model's
+execution slots), and only while the model's scheduler queue is below its bound. Jobs then go through
+``Engine.infer`` exactly like synchronous calls: the same per-model FIFO queue, the same batching, the same
+execution slots. A held job whose queue is momentarily full (synchronous traffic) waits and retries
+instead of failing.
+
+- Lease: while a job is held, ``in_progress`` is sent every third of the lease, so a long job is never
+  redelivered; a replica that dies stops sending them and the job is redelivered after the lease.
+- Once: the record moves through compare-and-set (``jobqueue.transition``); a delivery that finds its job
+  already finished only acknowledges it, so a job delivered twice is reported once, with one result.
+- A deterministic error (invalid input, a model error) fails the job at once with its message, and the
+  message is terminated (not redelivered). A delivery beyond ``jobs_max_attempts`` does not run the job: it
+  fails it ("delivered N times..."), so a job that kills replicas ends ``failed``.
+- Cancellation: checked when a job is picked up and at each heartbeat; a job still waiting in the model's
+  queue is dropped there; a model call already running completes and its result is discarded.
+- SIGTERM: no new fetches at once; held jobs get the grace period to finish and be acknowledged; the rest
+  are handed back (nak) so another replica picks them up without waiting for the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from inferencehub import jobqueue, logs
+from inferencehub.errors import InferenceHubError, ModelNotReady, Overloaded
+from inferencehub.inference.engine import Engine, ServedModel
+from inferencehub.inference.metrics import LATENCY_BUCKETS
+from inferencehub.inference.servicer import decode_inputs, encode_outputs
+from inferencehub.jobqueue import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobRecord
+from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
+from inferencehub.settings import InferenceSettings
+
+log = logging.getLogger(__name__)
+
+FETCH_SECONDS = 1.0  # longest a pull request waits for jobs; SIGTERM stops pulling within this
+JOB_BUCKETS = (*LATENCY_BUCKETS, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+RESULT_ROOM = 1024  # bytes of NATS's max_payload kept for the record's other fields
+
+
+class JobMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.jobs = Counter(
+            "inferencehub_jobs",
+            "Async jobs finished by this replica, by model and outcome (succeeded, failed, cancelled, "
+            "handed_back: released for another replica).",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.queued = Histogram(
+            "inferencehub_jobs_queued_seconds",
+            "Time from a job's submission to the start of its run.",
+            ["model"],
+            buckets=JOB_BUCKETS,
+            registry=registry,
+        )
+        self.running = Histogram(
+            "inferencehub_jobs_running_seconds",
+            "Time a job ran on this replica (its queue wait in the model's scheduler included).",
+            ["model"],
+            buckets=JOB_BUCKETS,
+            registry=registry,
+        )
+        self.held = Gauge(
+            "inferencehub_jobs_held",
+            "Jobs this replica holds now (fetched, not yet acknowledged), by model.",
+            ["model"],
+            registry=registry,
+        )
+
+
+class JobRunner:
+    def __init__(self, settings: InferenceSettings, engine: Engine, registry: CollectorRegistry, replica: str):
+        self.settings = settings
+        self.url = settings.nats_url
+        self.engine = engine
+        self.replica = replica
+        self.metrics = JobMetrics(registry)
+        self.nc = None
+        self.js = None
+        self.kv = None
+        self.stopping = False
+        self.loops: list[asyncio.Task] = []
+        self.held: dict[str, set[asyncio.Task]] = {name: set() for name in engine.models}
+        self.freed: dict[str, asyncio.Event] = {name: asyncio.Event() for name in engine.models}
+        self.starter: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.starter = asyncio.create_task(self._start(), name="jobs start")
+
+    async def _start(self) -> None:
+        warned = False
+        while self.nc is None and not self.stopping:
+            try:
+                self.nc = await jobqueue.connect(self.url, f"inferencehub-replica {self.replica}", log)
+            except Exception as exc:
+                if not warned:
+                    log.warning("jobs: cannot connect to NATS at %s (%s); retrying", self.url, exc)
+                    warned = True
+                await asyncio.sleep(1.0)
+        if self.nc is None:
+            return
+        self.js = self.nc.jetstream(timeout=5.0)
+        subscriptions = await self._bind()
+        if subscriptions is None:
+            return
+        for name, subscription in subscriptions.items():
+            self.loops.append(asyncio.create_task(self._pull(self.engine.models[name], subscription), name=name))
+        log.info("jobs: pulling for %s from NATS at %s", ", ".join(subscriptions), self.url)
+
+    async def _bind(self):
+        """Wait for the stream and bucket (the gateway creates them), then bind each model's consumer."""
+        from nats.js import api
+
+        warned = False
+        while not self.stopping:
+            try:
+                self.kv = await self.js.key_value(jobqueue.BUCKET)
+                await self.js.stream_info(jobqueue.STREAM)
+                subscriptions = {}
+                for name in self.engine.models:
+                    config = api.ConsumerConfig(
+                        durable_name=jobqueue.consumer_name(name),
+                        filter_subject=jobqueue.subject(name),
+                        ack_policy=api.AckPolicy.EXPLICIT,
+                        ack_wait=self.settings.jobs_lease_seconds,
+                        max_deliver=self.settings.jobs_max_attempts + 1,  # the last delivery only fails the job
+                        max_ack_pending=-1,
+                    )
+                    await self.js.add_consumer(jobqueue.STREAM, config)
+                    subscriptions[name] = await self.js.pull_subscribe_bind(
+                        durable=config.durable_name, stream=jobqueue.STREAM
+                    )
+                return subscriptions
+            except Exception as exc:
+                if not warned:
+                    log.warning(
+                        "jobs: waiting for stream %s and bucket %s on NATS at %s (%s)",
+                        jobqueue.STREAM,
+                        jobqueue.BUCKET,
+                        self.url,
+                        exc or type(exc).__name__,
+                    )
+                    warned = True
+                await asyncio.sleep(1.0)
+        return None
+
+    def limit(self, served: ServedModel) -> int:
+        if self.settings.jobs_per_model > 0:
+            return self.settings.jobs_per_model
+        scheduler = served.scheduler
+        return 2 * scheduler.concurrency if scheduler is not None else 1
+
+    def room(self, served: ServedModel) -> int:
+        scheduler = served.scheduler
+        if scheduler is None or not self.engine.ready:
+            return 0
+        held = len(self.held[served.config.name])
+        return min(self.limit(served) - held, scheduler.max_queue - len(scheduler.queue))
+
+    async def _pull(self, served: ServedModel, subscription) -> None:
+        from nats.errors import TimeoutError as NatsTimeout
+
+        name = served.config.name
+        while not self.stopping:
+            room = self.room(served)
+            if room <= 0:
+                self.freed[name].clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.freed[name].wait(), 0.1)
+                continue
+            try:
+                messages = await subscription.fetch(room, timeout=FETCH_SECONDS)
+            except (NatsTimeout, TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("jobs: fetch for %s: %s", name, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for message in messages:
+                if self.stopping:  # fetched while SIGTERM came: hand it back at once
+                    with contextlib.suppress(Exception):
+                        await message.nak()
+                    continue
+                task = asyncio.create_task(self._handle(served, message))
+                self.held[name].add(task)
+                self.metrics.held.labels(name).set(len(self.held[name]))
+                task.add_done_callback(lambda t, name=name: self._done(name, t))
+
+    def _done(self, name: str, task: asyncio.Task) -> None:
+        self.held[name].discard(task)
+        self.metrics.held.labels(name).set(len(self.held[name]))
+        self.freed[name].set()
+
+    async def _handle(self, served: ServedModel, message) -> None:
+        headers = message.headers or {}
+        job_id = headers.get(jobqueue.JOB_HEADER, "")
+        token = logs.request_id.set(job_id or "-")
+        try:
+            await self._run(served, message, job_id, headers)
+        except asyncio.CancelledError:
+            # Not finished within the grace period: hand it back so another replica takes it at once.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(message.nak())
+            self.metrics.jobs.labels(served.config.name, "handed_back").inc()
+        except Exception:
+            log.exception("job %s: could not be handled; it will be redelivered", job_id)
+        finally:
+            logs.request_id.reset(token)
+
+    async def _run(self, served: ServedModel, message, job_id: str, headers: dict) -> None:
+        name = served.config.name
+        delivered = message.metadata.num_delivered
+        if not jobqueue.JOB_ID.match(job_id):
+            log.warning("a message without a job id on %s; dropped", message.subject)
+            await message.term()
+            return
+        created = float(headers.get(jobqueue.CREATED_HEADER, "0") or 0) or jobqueue.now()
+        plan = _plan(headers.get(jobqueue.PLAN_HEADER, ""))
+        give_up = delivered > self.settings.jobs_max_attempts
+        failed_here = []
+        request = None
+        with contextlib.suppress(Exception):
+            request = pb.ModelInferRequest.FromString(message.data)
+
+        def claim(current: JobRecord | None) -> JobRecord | None:
+            if current is not None and current.status in FINAL:
+                return None
+            base = current or JobRecord(
+                id=job_id,
+                model=request.model_name if request is not None else name,
+                version=request.model_version if request is not None else "",
+                status=QUEUED,
+                created=created,
+                seq=message.metadata.sequence.stream,
+                **plan,
+            )
+            if give_up:
+                failed_here.append(True)
+                return base.evolve(
+                    status=FAILED,
+                    finished=jobqueue.now(),
+                    error_code="INTERNAL",
+                    error=f"job was delivered {delivered - 1} times and no replica finished it "
+                    "(each stopped while running it: a crash, or killed?); not retried",
+                )
+            if request is None:
+                failed_here.append(True)
+                return base.evolve(
+                    status=FAILED, finished=jobqueue.now(), error_code="INVALID_ARGUMENT", error="unreadable job"
+                )
+            return base.evolve(status=RUNNING, started=jobqueue.now(), attempts=base.attempts + 1, replica=self.replica)
+
+        record = await jobqueue.transition(self.kv, job_id, claim)
+        if record is None or record.status != RUNNING:
+            # Already finished (a redelivery of a job whose result is written, or a cancelled one), or failed
+            # just now as undeliverable: remove the message, never run it again.
+            if failed_here and record is not None and record.status == FAILED:
+                self.metrics.jobs.labels(name, "failed").inc()
+                log.warning("job %s failed: %s", job_id, record.error)
+            await message.term()
+            return
+        self.metrics.queued.labels(name).observe(max(0.0, jobqueue.now() - created))
+        started = time.perf_counter()
+        work = asyncio.create_task(self._infer(served, request))
+        beat = asyncio.create_task(self._heartbeat(message, job_id, work))
+        try:
+            response = await work
+        except asyncio.CancelledError:
+            if work.cancelled() and beat.done() and beat.result() == "cancelled":
+                await message.term()
+                self.metrics.jobs.labels(name, "cancelled").inc()
+                log.info("job %s cancelled while running; its result is not computed or is discarded", job_id)
+                return
+            raise
+        except ModelNotReady as exc:  # this replica is shutting down: another one takes the job
+            log.info("job %s handed back: %s", job_id, exc)
+            await message.nak()
+            self.metrics.jobs.labels(name, "handed_back").inc()
+            return
+        except InferenceHubError as exc:
+            await self._finish(message, job_id, name, FAILED, error=str(exc), code=exc.status.name)
+            return
+        except Exception:
+            log.exception("job %s failed", job_id)
+            error = "internal error; the replica's log has the details"
+            await self._finish(message, job_id, name, FAILED, error=error, code="INTERNAL")
+            return
+        finally:
+            beat.cancel()
+            self.metrics.running.labels(name).observe(time.perf_counter() - started)
+        result = response.SerializeToString()
+        limit = self.nc.max_payload - RESULT_ROOM
+        if len(result) > limit:
+            await self._finish(
+                message,
+                job_id,
+                name,
+                FAILED,
+                error=f"the result is {len(result)} bytes, over the job queue's limit of {limit} bytes "
+                f"(NATS max_payload {self.nc.max_payload}); call the model synchronously",
+                code="RESOURCE_EXHAUSTED",
+            )
+            return
+        await self._finish(message, job_id, name, SUCCEEDED, result=result, version=response.model_version)
+
+    async def _finish(
+        self,
+        message,
+        job_id: str,
+        model: str,
+        status: str,
+        *,
+        result: bytes = b"",
+        error: str = "",
+        code: str = "",
+        version: str = "",
+    ) -> None:
+        def done(current: JobRecord | None) -> JobRecord | None:
+            if current is None or current.status in FINAL:
+                return None  # written once: a cancelled job, or another delivery that finished first
+            finished = jobqueue.now()
+            return current.evolve(
+                status=status,
+                finished=finished,
+                result=result,
+                error=error,
+                error_code=code,
+                version=version or current.version,
+            )
+
+        record = await jobqueue.transition(self.kv, job_id, done)
+        outcome = record.status if record is not None else status
+        if status == FAILED:
+            log.warning("job %s failed: %s", job_id, error)
+            await message.term()
+        else:
+            with contextlib.suppress(Exception):
+                await message.ack_sync(timeout=5.0)
+        self.metrics.jobs.labels(model, outcome if outcome in (SUCCEEDED, FAILED, CANCELLED) else status).inc()
+
+    async def _heartbeat(self, message, job_id: str, work: asyncio.Task) -> str:
+        """Keep the lease while the job runs; cancel the work if the job is cancelled."""
+        interval = max(self.settings.jobs_lease_seconds / 3, 0.1)
+        while not work.done():
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await message.in_progress()
+            with contextlib.suppress(Exception):
+                record = await jobqueue.read(self.kv, job_id)
+                if record is not None and record.status == CANCELLED:
+                    work.cancel()
+                    return "cancelled"
+        return "done"
+
+    async def _infer(self, served: ServedModel, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        served = self.engine.get(request.model_name, request.model_version)
+        inputs = decode_inputs(request, served)
+        specs = served.output_specs([o.name for o in request.outputs])
+        while True:
+            try:
+                arrays = await self.engine.infer(served, inputs, specs, None)
+                break
+            except Overloaded:  # synchronous calls filled the model's queue: keep the job and try again
+                await asyncio.sleep(0.05)
+        response = pb.ModelInferResponse(
+            model_name=served.config.name, model_version=served.config.version, id=request.id
+        )
+        encode_outputs(response, specs, arrays, raw=bool(request.raw_input_contents))
+        return response
+
+    async def stop(self, grace: float) -> None:
+        """Stop pulling at once; give held jobs ``grace`` seconds to finish, then hand the rest back."""
+        self.stopping = True
+        if self.starter is not None and not self.starter.done():
+            self.starter.cancel()
+        held = [task for tasks in self.held.values() for task in tasks]
+        if held:
+            log.info("jobs: no new pulls; %d held job(s) have %.1fs to finish", len(held), grace)
+            _, pending = await asyncio.wait(held, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for loop in self.loops:
+            loop.cancel()
+        log.debug("jobs: stopping the pull loops")
+        if self.loops:
+            await asyncio.wait(self.loops, timeout=FETCH_SECONDS + 1)
+        log.debug("jobs: closing the NATS connection")
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), 5)
+        log.debug("jobs: stopped")
+
+
+def _plan(header: str) -> dict:
+    import json
+
+    try:
+        doc = json.loads(header)
+        return {"binary_default": bool(doc.get("binary_default")), "binary": dict(doc.get("binary") or {})}
+    except (ValueError, TypeError, AttributeError):
+        return {"binary_default": False, "binary": {}}

@@ -1,0 +1,279 @@
+"""Asynchronous jobs on NATS JetStream: the layout and the job record, shared by the gateway and the replicas.
+
+- Stream ``INFERENCEHUB_JOBS``, work-queue retention, subjects ``inferencehub.jobs.<model>``: one message per
+  job, its body the serialized ``ModelInferRequest``. A message is removed when a replica acknowledges (or
+  terminates) it; ``max_msgs_per_subject`` with discard-new-per-subject is the per-model queue limit, so a full
+  queue refuses the publish atomically, whatever the number of gateways.
+- One durable pull consumer per model (``inferencehub-<model>``), shared by every replica serving the model.
+- Key-value bucket ``INFERENCEHUB_JOB_STATE`` with a TTL: ``job.<id>`` holds the job record (status, times,
+  the output plan, the serialized ``ModelInferResponse`` or the error); ``idem.<sha256>`` maps an
+  Idempotency-Key to its job id. Every write of a record is a compare-and-set on its revision
+  (``transition``), so a record moves queued -> running -> succeeded | failed | cancelled once, and a job
+  delivered twice never gets two different results.
+
+The gateway creates (or updates) the stream and the bucket; replicas wait for them and create the consumers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import secrets
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+STREAM = "INFERENCEHUB_JOBS"
+SUBJECT_PREFIX = "inferencehub.jobs"
+BUCKET = "INFERENCEHUB_JOB_STATE"
+CONSUMER_PREFIX = "inferencehub-"
+JOB_HEADER = "Inferencehub-Job"
+CREATED_HEADER = "Inferencehub-Created"
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+_MAGIC = b"IHJ1"
+
+log = logging.getLogger(__name__)
+
+
+class JobStoreError(Exception):
+    """The job record could not be written (too much contention on one key)."""
+
+
+def new_job_id() -> str:
+    """128 random bits, hex."""
+    return secrets.token_hex(16)
+
+
+def model_token(model: str) -> str:
+    """The model's name as one subject token (names outside [A-Za-z0-9_-] become '=' and their hex)."""
+    return model if _SAFE_TOKEN.match(model) else "=" + model.encode().hex()
+
+
+def model_of_subject(name: str) -> str:
+    token = name.rsplit(".", 1)[-1]
+    if token.startswith("="):
+        try:
+            return bytes.fromhex(token[1:]).decode()
+        except ValueError:
+            return token
+    return token
+
+
+def subject(model: str) -> str:
+    return f"{SUBJECT_PREFIX}.{model_token(model)}"
+
+
+def consumer_name(model: str) -> str:
+    return CONSUMER_PREFIX + model_token(model)
+
+
+def job_key(job_id: str) -> str:
+    return f"job.{job_id}"
+
+
+def idempotency_key(key: str) -> str:
+    return "idem." + hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass
+class JobRecord:
+    """A job's state in the bucket. Times are Unix seconds."""
+
+    id: str
+    model: str
+    version: str
+    status: str
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    attempts: int = 0  # deliveries that started running the job
+    seq: int = 0  # the job's message in the stream (deleted when a queued job is cancelled)
+    replica: str = ""
+    error: str = ""
+    error_code: str = ""  # the gRPC status name the synchronous call would have failed with
+    binary_default: bool = False  # the output plan: which outputs go back as binary data
+    binary: dict[str, bool] = field(default_factory=dict)
+    result: bytes = b""  # the serialized ModelInferResponse, when succeeded
+
+    def encode(self) -> bytes:
+        doc = asdict(self)
+        del doc["result"]
+        header = json.dumps(doc, separators=(",", ":")).encode()
+        return b"".join([_MAGIC, struct.pack(">I", len(header)), header, self.result])
+
+    @classmethod
+    def decode(cls, data: bytes) -> JobRecord:
+        if data[:4] != _MAGIC:
+            raise ValueError("not a job record")
+        (length,) = struct.unpack(">I", data[4:8])
+        doc = json.loads(data[8 : 8 + length])
+        return cls(**doc, result=bytes(data[8 + length :]))
+
+    def evolve(self, **changes) -> JobRecord:
+        return replace(self, **changes)
+
+
+async def transition(kv, job_id: str, change: Callable[[JobRecord | None], JobRecord | None]) -> JobRecord | None:
+    """Compare-and-set the job's record: ``change`` gets the current record (None if there is none) and returns
+    the new one, or None to leave it. Returns the record as it is afterwards (None if there is none)."""
+    from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+    key = job_key(job_id)
+    for _ in range(50):
+        try:
+            entry = await kv.get(key)
+            current, revision = JobRecord.decode(entry.value), entry.revision
+        except KeyNotFoundError:
+            current, revision = None, None
+        new = change(current)
+        if new is None:
+            return current
+        try:
+            if revision is None:
+                await kv.create(key, new.encode())
+            else:
+                await kv.update(key, new.encode(), last=revision)
+            return new
+        except KeyWrongLastSequenceError:
+            await asyncio.sleep(0.005)
+    raise JobStoreError(f"job {job_id}: its record kept changing; gave up")
+
+
+async def read(kv, job_id: str) -> JobRecord | None:
+    from nats.js.errors import KeyNotFoundError
+
+    try:
+        entry = await kv.get(job_key(job_id))
+    except KeyNotFoundError:
+        return None
+    return JobRecord.decode(entry.value)
+
+
+async def connect(url: str, name: str, logger: logging.Logger):
+    """A NATS connection that reconnects forever; connection problems are logged once per change."""
+    import nats
+
+    async def on_error(exc: Exception) -> None:
+        logger.debug("NATS: %s", exc)
+
+    connection = []
+
+    async def on_disconnect() -> None:
+        if connection and (connection[0].is_closed or connection[0].is_draining):
+            return  # closing on purpose
+        logger.warning("NATS at %s: disconnected; reconnecting", url)
+
+    async def on_reconnect() -> None:
+        logger.info("NATS at %s: reconnected", url)
+
+    nc = await nats.connect(
+        [server.strip() for server in url.split(",") if server.strip()],
+        name=name,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=2,
+        ping_interval=5,
+        max_outstanding_pings=2,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+    connection.append(nc)
+    return nc
+
+
+async def ensure_layout(js, *, replicas: int, ttl_seconds: float, max_queue: int) -> None:
+    """Create the stream and the bucket, or bring an existing stream's limits to these values."""
+    from nats.js import api
+    from nats.js.errors import BadRequestError, NotFoundError
+
+    stream = api.StreamConfig(
+        name=STREAM,
+        description="InferenceHub asynchronous inference jobs, one subject per model",
+        subjects=[f"{SUBJECT_PREFIX}.>"],
+        retention=api.RetentionPolicy.WORK_QUEUE,
+        storage=api.StorageType.FILE,
+        discard=api.DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        max_msgs_per_subject=max_queue,
+        max_age=ttl_seconds,
+        num_replicas=replicas,
+        duplicate_window=min(120.0, ttl_seconds),
+    )
+    try:
+        await js.update_stream(stream)
+    except NotFoundError:
+        await js.add_stream(stream)
+    bucket = api.KeyValueConfig(
+        bucket=BUCKET,
+        description="InferenceHub job records and idempotency keys",
+        ttl=ttl_seconds,
+        history=1,
+        replicas=replicas,
+        storage=api.StorageType.FILE,
+    )
+    try:
+        await js.create_key_value(bucket)
+    except BadRequestError:
+        # The bucket exists with other limits: update its stream (KV_<bucket>) in place.
+        info = await js.stream_info(f"KV_{BUCKET}")
+        config = info.config
+        config.max_age = ttl_seconds
+        config.num_replicas = replicas
+        await js.update_stream(config)
+
+
+def now() -> float:
+    return time.time()
+
+
+PLAN_HEADER = "Inferencehub-Output-Plan"
+
+
+def plan_header(binary_default: bool, binary: dict[str, bool]) -> str:
+    return json.dumps({"binary_default": binary_default, "binary": binary}, separators=(",", ":"))
+
+
+def check_request(request, metadata, max_batch_size: int = 0) -> None:
+    """Check a ModelInferRequest against the model's metadata (and batch limit), with the replica's messages: what
+    a synchronous call would answer 400 for is refused before the job is queued."""
+    from inferencehub.errors import InvalidInput
+
+    name = metadata.name
+    specs = {t.name: t for t in metadata.inputs}
+    names = []
+    for tensor in request.inputs:
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise InvalidInput(f"model '{name}' has no input '{tensor.name}' (its inputs: {', '.join(specs)})")
+        if tensor.datatype != spec.datatype:
+            raise InvalidInput(f"input '{tensor.name}': datatype {tensor.datatype}, expected {spec.datatype}")
+        shape, expected = list(tensor.shape), list(spec.shape)
+        if len(shape) != len(expected) or any(s != d and d != -1 for s, d in zip(shape, expected, strict=True)):
+            raise InvalidInput(f"input '{tensor.name}': shape {shape}, expected {expected} (-1: any size)")
+        names.append(tensor.name)
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise InvalidInput(f"input '{dup}' is given more than once")
+    for spec in metadata.inputs:
+        if spec.name not in names:
+            raise InvalidInput(f"model '{name}': missing input '{spec.name}' ({spec.datatype} {list(spec.shape)})")
+    outputs = [t.name for t in metadata.outputs]
+    for requested in request.outputs:
+        if requested.name not in outputs:
+            raise InvalidInput(f"model '{name}' has no output '{requested.name}' (its outputs: {', '.join(outputs)})")
+    rows = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 0
+    if max_batch_size and rows > max_batch_size:
+        raise InvalidInput(
+            f"model '{name}': a request of {rows} rows is over its max_batch_size ({max_batch_size}); split it"
+        )

@@ -18,21 +18,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PYTHON, SHIPPED, Process, bench, figure, gateway, replica, repository, table, write
+from common import SHIPPED, bench, figure, gateway, replica, repository, table, write
+
+from inferencehub.processes import NatsChild
 
 NAME = "async_jobs"
 TITLE = "Async jobs: a 1,000-call burst of a 500 ms CPU-bound model, as jobs and synchronously"
 DEADLINE_S = 10.0
 
 
-def nats_server(store: str) -> tuple[Process, str]:
-    binary = str(Path(PYTHON).parent / "nats-server")
-    process = Process(
-        [binary, "-js", "-a", "127.0.0.1", "-p", "-1", "-sd", store],
-        r"Listening for client connections on ([\d.]+):(\d+)",
-    )
-    process.wait_for("Server is ready")
-    return process, f"nats://{process.match.group(1)}:{process.match.group(2)}"
+def nats_server(store: str) -> tuple[NatsChild, str]:
+    process = NatsChild("nats", store)
+    url = process.wait_listening(60)["nats"]
+    process.wait_log("Server is ready")  # JetStream up
+    return process, url
 
 
 def body() -> bytes:
@@ -110,8 +109,8 @@ def run(out: Path, quick: bool) -> str:
         server, target = replica(repo, "--nats", nats_url)
         front, url = gateway(target, "--nats", nats_url, "--deadline-seconds", str(DEADLINE_S))
         try:
-            front.wait_for("job queue ready")
-            server.wait_for("jobs: pulling")
+            front.wait_log("job queue ready")
+            server.wait_log("jobs: pulling")
             capacity = bench(model, url=url, concurrency=4, duration=1.5 if quick else 20.0)["throughput_rps"]
             deadline = {"X-InferenceHub-Deadline-Ms": str(int(DEADLINE_S * 1000))}
             sync = asyncio.run(burst(url, model, count, rate, deadline, DEADLINE_S))

@@ -83,10 +83,10 @@ def start_replica(models: Path, name: str, pin: int | None = None) -> tuple[Proc
             "--drain-seconds",
             "0",
         ],
-        r"listening: gRPC on ([\d.]+):(\d+)",
+        "grpc",
     )
-    process.wait_for(" ready: ")
-    return process, f"{process.match.group(1)}:{process.match.group(2)}"
+    process.wait_log(" ready: ")
+    return process, process.address
 
 
 def poisson(model: str, url: str, rate: float, duration: float, seed: int) -> dict:

@@ -14,6 +14,7 @@ table keeps each server's median round and the server's CPU per call.
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import grpc
 from common import PYTHON, Process, figure, table, write
+
+from inferencehub.processes import LISTEN_FILE_ENV, announce
 
 NAME = "grpc_servers"
 TITLE = "gRPC servers for the replica: grpc.aio against the synchronous server"
@@ -41,7 +44,7 @@ async def _aio(port: int) -> None:
     server.add_generic_rpc_handlers((_handler(echo),))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    print(f"listening: 127.0.0.1:{bound}", file=sys.stderr, flush=True)
+    announce(os.environ.get(LISTEN_FILE_ENV), "echo", grpc=f"127.0.0.1:{bound}")
     await server.wait_for_termination()
 
 
@@ -64,7 +67,7 @@ def _sync(port: int, bridged: bool) -> None:
     server.add_generic_rpc_handlers((_handler(echo),))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
-    print(f"listening: 127.0.0.1:{bound}", file=sys.stderr, flush=True)
+    announce(os.environ.get(LISTEN_FILE_ENV), "echo", grpc=f"127.0.0.1:{bound}")
     server.wait_for_termination()
 
 
@@ -88,13 +91,13 @@ async def _load(target: str, seconds: float, concurrency: int) -> int:
 def run(out: Path, quick: bool) -> str:
     seconds, rounds = (1.0, 1) if quick else (4.0, 3)
     here = Path(__file__).resolve()
-    servers = {kind: Process([PYTHON, str(here), "serve", str(i)], r"listening: (\S+)") for i, kind in enumerate(KINDS)}
+    servers = {kind: Process([PYTHON, str(here), "serve", str(i)], "grpc") for i, kind in enumerate(KINDS)}
     results: dict[str, list[tuple[float, float]]] = {kind: [] for kind in KINDS}
     try:
         for _ in range(rounds):
             for kind, server in servers.items():
                 before = server.cpu_seconds()
-                calls = asyncio.run(_load(server.match.group(1), seconds, 16))
+                calls = asyncio.run(_load(server.address, seconds, 16))
                 cpu_ms = (server.cpu_seconds() - before) * 1000 / max(calls, 1)
                 results[kind].append((calls / seconds, cpu_ms))
     finally:

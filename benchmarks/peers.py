@@ -17,7 +17,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from common import ROOT, SHIPPED, Process
+from common import ROOT, SHIPPED
+
+from inferencehub.processes import Child
 
 HERE = Path(__file__).resolve().parent
 MLSERVER = ROOT / ".cache" / "tools" / "mlserver" / "bin" / "mlserver"
@@ -36,8 +38,25 @@ def tools_missing() -> str | None:
     return None
 
 
-class TreeProcess(Process):
+class TreeProcess(Child):
     """A process whose CPU time includes its live descendants (MLServer's inference workers)."""
+
+    def wait_ready(self, url: str, timeout: float = 120.0) -> None:
+        """Poll ``url`` (a readiness route) until it answers 200; the ports were chosen here, so none is announced."""
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                pass
+            if not self.running or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not get ready at {url}:\n{self.tail()}")
+            time.sleep(0.1)
 
     def cpu_seconds(self) -> float:
         total = 0
@@ -80,13 +99,14 @@ def mlserver(tuning: str, folder: Path) -> tuple[TreeProcess, str]:
         )
     )
     env = {"PYTHONPATH": str(HERE), "MLSERVER_METRICS_DIR": str(root / "metrics")}
-    process = TreeProcess([str(MLSERVER), "start", str(root)], r"Uvicorn running on (http://\S+)", env=env)
+    process = TreeProcess(f"mlserver-{tuning}", [str(MLSERVER), "start", str(root)], env=env)
+    url = f"http://127.0.0.1:{ports[0]}"
     try:
-        process.wait_for("Loaded model 'iris'")
+        process.wait_ready(f"{url}/v2/models/iris/ready")
     except RuntimeError:
         process.stop()
         raise
-    return process, f"http://127.0.0.1:{ports[0]}"
+    return process, url
 
 
 def mlservers(tunings, folder: Path, started: list) -> dict[str, tuple[TreeProcess, str]]:
@@ -171,7 +191,7 @@ def _client_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(processes: dict[str, Process], url: str, *, concurrency: int, duration: float) -> tuple[dict, dict]:
+def measure(processes: dict[str, Child], url: str, *, concurrency: int, duration: float) -> tuple[dict, dict]:
     """One wrk run; its summary and the CPU ms per request of each process and of wrk."""
     before = {name: p.cpu_seconds() for name, p in processes.items()}
     client = _client_cpu()
@@ -183,7 +203,7 @@ def measure(processes: dict[str, Process], url: str, *, concurrency: int, durati
 
 
 def compare(
-    servers: dict[str, tuple[dict[str, Process], str]], *, rounds: int, duration: float, top: int, warm_up: bool = True
+    servers: dict[str, tuple[dict[str, Child], str]], *, rounds: int, duration: float, top: int, warm_up: bool = True
 ) -> dict:
     """Every server in turn, ``rounds`` times (alternating, so a noisy neighbour hits them all alike): wrk at
     concurrency ``top`` and at 1. Per server: the runs, and the median run at ``top`` (by req/s) with its CPU."""

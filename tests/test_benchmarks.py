@@ -25,13 +25,13 @@ BENCHMARKS = [
 ]
 
 
-@pytest.mark.timeout(900)  # every benchmark in quick mode (MLServer among the servers); the run stops first
+@pytest.mark.timeout(660)  # every benchmark in quick mode (MLServer among the servers); the run stops first
 def test_every_benchmark_runs_and_writes_a_table_and_a_plot(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=840,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for name in BENCHMARKS:

@@ -107,6 +107,12 @@ def _model_paths(prefix: str) -> dict[str, Any]:
                 "parameters": [
                     *params,
                     _header(
+                        "Prefer",
+                        "respond-async (RFC 7240), optionally with wait=N: queue the call as a job when the gateway "
+                        "has a job queue (202 and Location: /v2/jobs/{id}); served synchronously otherwise",
+                        type="string",
+                    ),
+                    _header(
                         HEADER_LENGTH,
                         "bytes of the JSON header; the rest is binary tensor data",
                         type="integer",
@@ -120,7 +126,14 @@ def _model_paths(prefix: str) -> dict[str, Any]:
                         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                     },
                 },
-                "responses": {"200": infer_ok, **_answers(None, 404, 408, 413, 415, 429, 500, *UPSTREAM_ERRORS)},
+                "responses": {
+                    "200": infer_ok,
+                    "202": {
+                        "description": "queued as an async job (Prefer: respond-async): poll Location",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    **_answers(None, 404, 408, 413, 415, 429, 500, *UPSTREAM_ERRORS),
+                },
             }
         },
     }

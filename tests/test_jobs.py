@@ -412,3 +412,23 @@ def test_an_idempotent_retry_completes_a_submission_that_stopped_half_way(nats, 
     retried = submit(jobs_gateway, "iris", IRIS_BODY, {"Idempotency-Key": key})
     assert retried.status == 202 and retried.json()["id"] == job_id
     assert poll(jobs_gateway, job_id)["result"]["outputs"][1]["data"] == [2]
+
+
+def test_the_status_endpoint_lists_recent_jobs_with_their_state(jobs_gateway):
+    iris = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [6.3, 3.3, 6.0, 2.5]}]}
+    ids = []
+    for _ in range(3):
+        answer = submit(jobs_gateway, "iris", iris)
+        assert answer.status == 202, answer
+        ids.append(answer.json()["id"])
+    for job_id in ids:
+        poll(jobs_gateway, job_id)
+
+    def listed():
+        jobs = jobs_gateway.request("GET", "/status.json").json()["jobs"]
+        return jobs if [j["id"] for j in jobs[:3]] == ids[::-1] else None  # newest first
+
+    jobs = wait_for(listed, 10, what="the three jobs on the status endpoint")
+    for job in jobs[:3]:
+        assert job["model_name"] == "iris" and job["status"] == "succeeded", job
+        assert job["created_at"].endswith("Z") and job["finished_at"] and job["replica"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 
-from conftest import SHIPPED, Gateway, Replica, model_repository, wait_for
+from conftest import SHIPPED, Gateway, NatsServer, Replica, model_repository, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -31,13 +31,22 @@ def system(tmp_path) -> Iterator[tuple[list[Replica], Gateway]]:
     models = str(model_repository(tmp_path / "models", SHIPPED / "iris"))
     replicas: list[Replica] = []
     gateway = None
+    nats = NatsServer(tmp_path / "nats")  # the job queue, so the page's recent jobs show
     try:
         for name in ("page-a", "page-b"):
-            replicas.append(Replica("--models", models, "--replica-name", name, "--drain-seconds", "0"))
+            replicas.append(
+                Replica("--models", models, "--replica-name", name, "--drain-seconds", "0", "--nats", nats.url)
+            )
         for r in replicas:
             r.wait_serving()
         gateway = Gateway(
-            f"ipv4:{replicas[0].target},{replicas[1].target}", "--deadline-seconds", "5", "--drain-seconds", "0"
+            f"ipv4:{replicas[0].target},{replicas[1].target}",
+            "--deadline-seconds",
+            "5",
+            "--drain-seconds",
+            "0",
+            "--nats",
+            nats.url,
         )
         yield replicas, gateway
     finally:
@@ -45,6 +54,7 @@ def system(tmp_path) -> Iterator[tuple[list[Replica], Gateway]]:
             gateway.stop()
         for r in replicas:
             r.stop()
+        nats.stop()
 
 
 @pytest.fixture
@@ -134,3 +144,17 @@ def test_the_live_page_shows_the_status_and_a_replica_going_down(system, page, t
     for _ in range(4):
         assert gateway.request("POST", "/v2/models/iris/infer", {"inputs": [IRIS_ROW]}).status == 200
     wait_for(lambda: row(page, "page-a", "requests") == str(metrics["page-a"] + 4), timeout=10, what="new requests")
+
+    # An async job: the page lists it, with its state, among the recent jobs.
+    submitted = gateway.request("POST", "/v2/models/iris/infer", {"inputs": [IRIS_ROW]}, {"Prefer": "respond-async"})
+    assert submitted.status == 202, submitted
+    job_id = submitted.json()["id"]
+
+    def listed():
+        jobs = gateway.request("GET", "/status.json").json()["jobs"]
+        return jobs and jobs[0]["id"] == job_id and jobs[0]["status"] == "succeeded"
+
+    wait_for(listed, timeout=15, what=f"job {job_id} to succeed on the status endpoint")
+    page.wait_for_function(
+        f"document.querySelector('#jobs').innerText.includes('{job_id[:12]}  iris  succeeded')", timeout=15_000
+    )

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from conftest import SHIPPED, Gateway, Replica, wait_for
+from conftest import SHIPPED, Gateway, NatsServer, Replica, wait_for
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -51,6 +51,7 @@ class Collector(http.server.ThreadingHTTPServer):
                             "start": span.start_time_unix_nano,
                             "end": span.end_time_unix_nano,
                             "attributes": attributes,
+                            "links": [(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
                         }
                     )
         self.paths.append(path)
@@ -208,3 +209,55 @@ def test_a_tracing_configuration_that_cannot_work_stops_start_up_with_a_clear_er
     )
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_an_async_job_run_links_back_to_the_request_that_submitted_it(tmp_path):
+    collector = Collector()
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    nats = NatsServer(tmp_path / "nats")
+    env = {"OTEL_BSP_SCHEDULE_DELAY": "50"}
+    replica = gateway = None
+    try:
+        replica = Replica(
+            "--models",
+            str(SHIPPED),
+            "--processes",
+            "1",
+            "--replica-name",
+            "job-replica",
+            "--nats",
+            nats.url,
+            "--otlp-endpoint",
+            collector.url,
+            env=env,
+        ).wait_serving()
+        gateway = Gateway(f"ipv4:{replica.target}", "--nats", nats.url, "--otlp-endpoint", collector.url, env=env)
+        wait_for(lambda: gateway.request("GET", "/v2/jobs/" + "0" * 32).status == 404, what="the job queue")
+        traceparent = f"00-{TRACE_ID[::-1]}-{CALLER_SPAN}-01"
+        answer = gateway.request(
+            "POST",
+            "/v2/models/mock/infer",
+            {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]},
+            {"Prefer": "respond-async, wait=20", "traceparent": traceparent},
+        )
+        assert answer.status == 200, answer
+        caller = TRACE_ID[::-1]
+        submitted = wait_for(
+            lambda: next((s for s in collector.spans if s["trace_id"] == caller and s["name"][:4] == "POST"), None),
+            timeout=15,
+            what="the submitting request's span",
+        )
+        run = wait_for(
+            lambda: next((s for s in collector.spans if s["name"] == "job mock"), None),
+            timeout=15,
+            what="the job's span",
+        )
+        assert run["service"] == "inferencehub-inference" and run["trace_id"] != submitted["trace_id"]
+        assert (submitted["trace_id"], submitted["span_id"]) in run["links"]
+        assert run["attributes"]["inferencehub.replica"] == "job-replica"
+        assert len(run["attributes"]["inferencehub.job_id"]) == 32
+    finally:
+        for server in (gateway, replica, nats):
+            if server is not None:
+                server.stop()
+        collector.shutdown()

@@ -256,6 +256,9 @@ async def status_json(request: web.Request) -> web.Response:
         await replicas.poll_once()  # answer with each replica's health, not an empty list
     state = request.app[STATE]
     body = status(request.app[TRAFFIC], replicas, ready=state.started and not state.draining, draining=state.draining)
+    queue = request.app.get(jobs.JOBS)
+    if queue is not None:
+        body["jobs"] = await queue.recent_jobs()
     return web.json_response(body, headers={"Cache-Control": "no-store"})
 
 
@@ -349,11 +352,11 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[STATE] = GatewayState()
     access = Access.from_settings(settings, app[METRICS].registry)
     if access is not None:  # API keys and rate limits: after observe (ids, metrics), before the routes
-        app.middlewares.insert(1, access.middleware())
+        app.middlewares.insert(app.middlewares.index(observe) + 1, access.middleware())
     app[TRAFFIC] = Traffic()
     app.cleanup_ctx.append(_upstream_ctx)
     if settings.nats_url:
-        jobs.install(app, settings, app[METRICS].registry)
+        jobs.install(app, settings, app[METRICS].registry, app[TRACING])
     app.add_routes(routes())
     return app
 

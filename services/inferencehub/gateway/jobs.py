@@ -15,6 +15,7 @@ connection, async requests get 503 naming the queue, and synchronous requests go
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import logging
@@ -44,6 +45,7 @@ HEADER_ROOM = 1024  # bytes of a job message's limit kept for its NATS headers
 METADATA_TTL = 5.0  # seconds a model's metadata is reused for checking submissions
 STATS_INTERVAL = 2.0
 RETRY_AFTER = "1"
+RECENT_JOBS = 20  # jobs submitted through this gateway that the live page lists
 
 
 class QueueError(Exception):
@@ -106,6 +108,8 @@ class JobQueue:
         self.metadata: dict[tuple[str, str], tuple[float, pb.ModelMetadataResponse]] = {}
         self.tasks: list[asyncio.Task] = []
         self.models_seen: set[str] = set()
+        self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_JOBS)  # newest last
+        self.tracing = None  # a tracing.Tracing when tracing is on
 
     @property
     def name(self) -> str:
@@ -206,7 +210,33 @@ class JobQueue:
             raise
         self.models_seen.add(model)
         self.metrics.submitted.labels(model, "accepted" if new else "duplicate").inc()
+        if new:
+            self.recent.append(record.id)
         return record, new
+
+    async def recent_jobs(self, timeout: float = 0.5) -> list[dict]:
+        """The jobs most recently submitted here, newest first, with their state now (for the live page)."""
+        if self.kv is None or not self.recent:
+            return []
+
+        async def one(job_id: str) -> dict | None:
+            try:
+                record = await asyncio.wait_for(jobqueue.read(self.kv, job_id), timeout)
+            except Exception:  # the page shows what it can; the queue's health is reported elsewhere
+                return None
+            if record is None:
+                return None
+            return {
+                "id": record.id,
+                "model_name": record.model,
+                "status": record.status,
+                "created_at": _time(record.created),
+                "finished_at": _time(record.finished),
+                "replica": record.replica,
+            }
+
+        found = await asyncio.gather(*(one(job_id) for job_id in reversed(self.recent)))
+        return [job for job in found if job is not None]
 
     async def _submit(self, message, payload: bytes, plan, idempotency: str | None) -> tuple[JobRecord, bool]:
         from nats.js.errors import KeyWrongLastSequenceError
@@ -253,6 +283,8 @@ class JobQueue:
             jobqueue.CREATED_HEADER: repr(created),
             jobqueue.PLAN_HEADER: jobqueue.plan_header(plan.binary_default, plan.binary),
         }
+        if self.tracing is not None:  # the replica's job span links back to the submitting request's trace
+            headers.update(self.tracing.inject())
         deadline = time.monotonic() + FAILOVER_SECONDS
         try:
             ack = await self._retrying(
@@ -565,9 +597,10 @@ def routes() -> list[web.RouteDef]:
     return [web.get("/v2/jobs/{id}", get_job), web.delete("/v2/jobs/{id}", cancel_job)]
 
 
-def install(app: web.Application, settings: GatewaySettings, registry: CollectorRegistry) -> None:
+def install(app: web.Application, settings: GatewaySettings, registry: CollectorRegistry, tracing=None) -> None:
     """Give the app a job queue for its lifetime (only called when --nats is set)."""
     queue = JobQueue(settings, registry)
+    queue.tracing = tracing  # a job's message carries the submitting request's trace context
     app[JOBS] = queue
 
     async def job_queue(app: web.Application) -> AsyncIterator[None]:

@@ -125,5 +125,5 @@ def status(traffic: Traffic, replicas: ReplicaSet, *, ready: bool, draining: boo
             "latency_ms": percentiles_ms([t for _, t in latencies], "p50", "p90", "p99"),
         },
         "replicas": rows,
-        "jobs": [],  # recent async jobs, once they exist (issue #12)
+        "jobs": [],  # recent async jobs, filled in by the gateway when it has a job queue
     }

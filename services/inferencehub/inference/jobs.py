@@ -77,8 +77,11 @@ class JobMetrics:
 
 
 class JobRunner:
-    def __init__(self, settings: InferenceSettings, engine: Engine, registry: CollectorRegistry, replica: str):
+    def __init__(
+        self, settings: InferenceSettings, engine: Engine, registry: CollectorRegistry, replica: str, tracing=None
+    ):
         self.settings = settings
+        self.tracing = tracing  # a tracing.Tracing when tracing is on
         self.url = settings.nats_url
         self.engine = engine
         self.replica = replica
@@ -206,7 +209,13 @@ class JobRunner:
         job_id = headers.get(jobqueue.JOB_HEADER, "")
         token = logs.request_id.set(job_id or "-")
         try:
-            await self._run(served, message, job_id, headers)
+            if self.tracing is None:
+                await self._run(served, message, job_id, headers)
+            else:  # a new trace for the run, linked to the request that submitted the job
+                links = self.tracing.link(headers.items())
+                attributes = {"inferencehub.job_id": job_id, "inferencehub.replica": self.replica}
+                with self.tracing.span(f"job {served.config.name}", links=links, attributes=attributes, context=None):
+                    await self._run(served, message, job_id, headers)
         except asyncio.CancelledError:
             # Not finished within the grace period: hand it back so another replica takes it at once.
             with contextlib.suppress(Exception):

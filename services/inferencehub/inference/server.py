@@ -96,7 +96,7 @@ class InferenceServer:
         await self.set_health(True)
         log.info("replica %s ready: %s", self.replica, ", ".join(self.engine.models))
         if self.settings.nats_url:
-            self.jobs = JobRunner(self.settings, self.engine, self.metrics.registry, self.replica)
+            self.jobs = JobRunner(self.settings, self.engine, self.metrics.registry, self.replica, self.tracing)
             self.jobs.start()
 
     async def stop(self) -> None:

@@ -71,7 +71,8 @@ def scraped(url: str) -> set[str]:
 
 def test_the_dashboard_configmap_is_off_by_default_and_labelled_for_the_sidecar():
     assert not [o for o in render() if o["metadata"]["name"].endswith("-dashboard")]
-    (configmap,) = [o for o in render("--set", "dashboard.enabled=true") if o["kind"] == "ConfigMap"]
+    rendered = render("--set", "dashboard.enabled=true")
+    (configmap,) = [o for o in rendered if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")]
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert configmap["metadata"]["namespace"] == "demo"
     assert json.loads(configmap["data"]["inferencehub.json"]) == json.loads(DASHBOARD.read_text())

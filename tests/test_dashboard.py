@@ -79,7 +79,7 @@ def test_the_dashboard_configmap_is_off_by_default_and_labelled_for_the_sidecar(
     moved = render(
         "--set", "dashboard.enabled=true", "--set", "dashboard.namespace=monitoring", "--set", "dashboard.folder=ML"
     )
-    (moved,) = [o for o in moved if o["kind"] == "ConfigMap"]
+    (moved,) = [o for o in moved if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")]
     assert moved["metadata"]["namespace"] == "monitoring"
     assert moved["metadata"]["annotations"] == {"grafana_folder": "ML"}
 

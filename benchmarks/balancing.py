@@ -302,7 +302,8 @@ def run(out: Path, quick: bool) -> str:
         f"one replica 4x slower: weighted_round_robin's p99 is {slow_p99:.2f}x better than round_robin's "
         f"(target 3x), throughput {slow_tput:.2f}x ({'met' if met_slow else 'MISSED'}); "
         f"equal replicas: p99 {equal_p99:.2f}x, throughput {equal_tput:.2f}x "
-        f"({'no worse: met' if met_equal else 'MISSED'}); one replica competing for CPU: p99 {cpu_p99:.2f}x better."
+        f"({'no worse within 10%: met' if met_equal else 'MISSED'}); "
+        f"one replica competing for CPU: p99 {cpu_p99:.2f}x better."
     )
     per_call, per_tick = report_cost_us()
     cost = (

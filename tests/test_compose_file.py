@@ -26,7 +26,8 @@ def test_every_service_runs_with_the_charts_security_settings():
         assert service["read_only"] is True and service["tmpfs"] == ["/tmp"], name
         assert service["cap_drop"] == ["ALL"] and "no-new-privileges:true" in service["security_opt"], name
         assert service["healthcheck"]["test"][0] == "CMD", name
-        assert service["build"]["dockerfile"] == f"Dockerfile.{name}" and (ROOT / f"Dockerfile.{name}").exists()
+        image = "inference" if name == "nats" else name  # the job queue runs from the inference image
+        assert service["build"]["dockerfile"] == f"Dockerfile.{image}" and (ROOT / f"Dockerfile.{image}").exists()
 
 
 def test_the_gateway_reaches_every_replica_by_one_name():
@@ -36,7 +37,14 @@ def test_the_gateway_reaches_every_replica_by_one_name():
     port = inference["environment"]["INFERENCEHUB_PORT"]
     assert gateway["environment"]["INFERENCEHUB_UPSTREAM"] == f"dns:///inference:{port}"
     assert port == str(VALUES["inference"]["port"])
-    assert gateway["depends_on"] == {"inference": {"condition": "service_healthy"}}
+    healthy = {"condition": "service_healthy"}
+    assert gateway["depends_on"] == {"inference": healthy, "nats": healthy}
+    assert inference["depends_on"] == {"nats": healthy}
+    nats = spec["services"]["nats"]  # the job queue, as `inferencehub up` runs it
+    assert nats["entrypoint"] == ["nats-server"] and "-js" in nats["command"]
+    assert nats["command"][nats["command"].index("-p") + 1] == "4222"
+    assert inference["environment"]["INFERENCEHUB_NATS_URL"] == gateway["environment"]["INFERENCEHUB_NATS_URL"]
+    assert gateway["environment"]["INFERENCEHUB_NATS_URL"] == "nats://nats:4222"
     assert set(gateway["networks"]) == set(inference["networks"]) == set(spec["networks"])
     # Termination fits in the stop grace period, and calls the gateway allows finish during a replica's grace.
     for service in (inference, gateway):

@@ -36,6 +36,8 @@ SERVICE_KEYS = {
     "ports",
     "depends_on",
     "networks",
+    "entrypoint",
+    "command",
 }
 
 
@@ -150,7 +152,9 @@ class Project:
                 "--health-start-period",
                 f"{seconds(check['start_period']):g}s",
             ]
-        return [*args, config["image"]]
+        if "entrypoint" in config:
+            args += ["--entrypoint", json.dumps(config["entrypoint"])]
+        return [*args, config["image"], *config.get("command", [])]
 
     def replicas(self, service: str) -> int:
         return int(self.spec["services"][service].get("deploy", {}).get("replicas", 1))

@@ -180,6 +180,33 @@ def test_traffic_through_the_gateway_reaches_every_inference_container(project, 
     assert set(load.served()) == expected, load.served()
 
 
+def test_an_async_job_goes_through_the_job_queue_container(project, gateway):
+    _, port = gateway
+
+    def ask(method: str, path: str, body: str | None = None, headers: dict | None = None):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request(method, path, body, headers or {})
+            answer = conn.getresponse()
+            return answer.status, dict(answer.getheaders()), answer.read()
+        finally:
+            conn.close()
+
+    status, headers, body = ask("POST", "/v2/models/mock/infer", MOCK, {"Prefer": "respond-async"})
+    assert status == 202 and headers["Preference-Applied"] == "respond-async", body
+    location = headers["Location"]
+    deadline = time.monotonic() + 60
+    while True:
+        status, _, body = ask("GET", location)
+        job = json.loads(body)
+        if status == 200 and job["status"] == "succeeded":
+            break
+        assert status == 200 and job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["result"]["outputs"][0]["data"] == [1.0, 2.0]
+    assert job["attempts"] >= 1  # an inference container pulled it and ran it
+
+
 def test_stopping_an_inference_container_under_load_fails_no_request(project, gateway):
     _, port = gateway
     victim = project.containers["inference"][0]

@@ -10,19 +10,8 @@ import pytest
 
 from conftest import ROOT
 
-BENCHMARKS = [
-    "batching",
-    "overload",
-    "blocking",
-    "serialization",
-    "overhead",
-    "grpc_servers",
-    "scaling",
-    "tls",
-    "tracing",
-    "balancing",
-    "async_jobs",
-]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from run import BENCHMARKS
 
 
 @pytest.mark.timeout(660)  # every benchmark in quick mode (MLServer among the servers); the run stops first

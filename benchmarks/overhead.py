@@ -38,89 +38,120 @@ def model_alone(seconds: float) -> float:
     return float(np.median(times) * 1000)
 
 
-PEER_INTRO = """Against MLServer 1.7.1 on the same cores: `wrk -t1 -c{top}` (Debian's wrk, one thread) posts the same
-JSON `iris` request (one row of 4 features) to each server, in turn, {rounds} rounds alternating, {duration:.0f} s a
-run; the table keeps each server's median run (by req/s) and the CPU each process spent in it, and the median p50
-of its runs at concurrency 1. MLServer serves the same weights with the same numpy compute (`mlserver_iris.py`, a
-custom runtime), in its best tuning (`parallel_workers: 0`, uvloop and httptools installed) and its default one
-(an inference worker process behind the HTTP process). InferenceHub is `inferencehub up --replicas 1`'s shape: a
-gateway and one replica, each one process. The machine is shared with other jobs: read the ratios, measured side
-by side, not the absolute numbers."""
+PEER_INTRO = """Against Triton 2.51 and MLServer 1.7.1 on the same cores: `wrk -t1` (Debian's wrk, one thread) posts
+the same JSON `iris` request (one row of 4 features) to each server, in turn, at concurrency {levels}, {rounds}
+round(s) alternating, {duration:.0f} s a run; the table keeps each server's median run (by req/s) at each
+concurrency and the CPU each process spent in it. Every server does the same model work on the same weights with
+numpy: Triton runs `triton_iris.py` in its Python backend (a stub process beside its C++ server, dynamic batching
+up to 64 rows), MLServer `mlserver_iris.py` in its best tuning (`parallel_workers: 0`, uvloop and httptools;
+adaptive batching up to 64 rows) and its default one (an inference worker process behind the HTTP process).
+InferenceHub is `inferencehub up --replicas 1`'s shape: a gateway and one replica. The machine is shared with
+other jobs: read the ratios, measured side by side, not the absolute numbers."""
+
+OURS = "InferenceHub (the defaults)"
+TRITON = "Triton (Python backend, dynamic batching)"
+MLSERVER_BEST = "MLServer, best tuning (adaptive batching)"
+MLSERVER_DEFAULT = "MLServer, default tuning"
+# The goals against the peers (issue: faster than Triton on its own ground).
+GOALS = {"c64 vs Triton": 1.0, "c1 p50 vs Triton": 1.5, "vs MLServer best": 2.5}
 
 
 def peer_rows(quick: bool) -> tuple[str, str]:
-    """The MLServer comparison: a Markdown section and a verdict sentence."""
+    """The Triton and MLServer comparison: a Markdown section and a verdict sentence."""
     missing = peers.tools_missing()
     if missing:
-        return f"No MLServer comparison in this run: {missing}.", f"no MLServer comparison ({missing})"
-    top, rounds, duration = (16, 1, 1.0) if quick else (64, 3, 5.0)
+        return f"No peer comparison in this run: {missing}.", f"no peer comparison ({missing})"
+    levels, rounds, duration = ((16, 1), 1, 1.0) if quick else ((64, 8, 1), 3, 5.0)
+    top = levels[0]
+    load = os.getloadavg()
     started: list[Process] = []
     servers: dict[str, tuple[dict[str, Process], str]] = {}
+    grpc_targets: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
             repo = repository(Path(tmp) / "repo", iris=SHIPPED / "iris")
-            variants = {
-                "InferenceHub (coalescing on, uvloop: the defaults)": ((), ()),
-                "InferenceHub, coalescing off": ((), ("--coalesce", "off")),
-                "InferenceHub, standard asyncio loop": (("--event-loop", "asyncio"), ("--event-loop", "asyncio")),
-            }
-            if quick:  # the script, not the numbers: the defaults only
-                variants = dict(list(variants.items())[:1])
-            for name, (replica_args, gateway_args) in variants.items():
-                server, target = replica(repo, *replica_args)
-                started.append(server)
-                front, url = gateway(f"ipv4:{target}", *gateway_args)
-                started.append(front)
-                servers[name] = ({"gateway": front, "replica": server}, url)
+            server, target = replica(repo)
+            started.append(server)
+            front, url = gateway(f"ipv4:{target}")
+            started.append(front)
+            servers[OURS] = ({"gateway": front, "replica": server}, url)
+            grpc_targets[OURS + ", direct to the replica"] = target
+            process, url, target = peers.triton(Path(tmp))
+            started.append(process)
+            servers[TRITON] = ({"Triton": process}, url)
+            grpc_targets[TRITON] = target
             for tuning, (server, url) in peers.mlservers(("best", "default"), Path(tmp), started).items():
-                servers[f"MLServer, {tuning} tuning"] = ({"MLServer": server}, url)
-            result = peers.compare(servers, rounds=rounds, duration=duration, top=top, warm_up=not quick)
+                servers[MLSERVER_BEST if tuning == "best" else MLSERVER_DEFAULT] = ({"MLServer": server}, url)
+            result = peers.compare(servers, rounds=rounds, duration=duration, levels=levels, warm_up=not quick)
+            grpc = {
+                name: {c: peers.perf_analyzer(target, concurrency=c, seconds=duration) for c in (1, top)}
+                for name, target in grpc_targets.items()
+            }
         finally:
             for process in reversed(started):
                 process.stop()
-    best = result["MLServer, best tuning"]["median"]["throughput_rps"]
-    default = result["MLServer, default tuning"]["median"]["throughput_rps"]
+    load_after = os.getloadavg()
+    triton = result[TRITON]
     rows = []
-    for name, r in result.items():
-        m = r["median"]
-        rows.append(
-            [
-                name,
-                m["throughput_rps"],
-                " / ".join(f"{v:,.0f}" for v in r["all_rps"]),
-                m["latency_ms"].get("p50", float("nan")),
-                m["latency_ms"].get("p99", float("nan")),
-                r["single"]["latency_ms"].get("p50", float("nan")),
-                f"{m['throughput_rps'] / best:.2f}x",
-                f"{m['throughput_rps'] / default:.2f}x",
-                ", ".join(f"{k} {v:.3f}" for k, v in r["cpu"].items()),
-                sum(m["errors"].values()),
+    for name, by_level in result.items():
+        m = by_level[top]["median"]
+        row = [name, m["throughput_rps"], " / ".join(f"{v:,.0f}" for v in by_level[top]["all_rps"])]
+        row += [m["latency_ms"].get("p50", float("nan")), m["latency_ms"].get("p99", float("nan"))]
+        for c in levels[1:]:
+            row += [
+                by_level[c]["median"]["throughput_rps"],
+                by_level[c]["median"]["latency_ms"].get("p50", float("nan")),
             ]
-        )
-    ours = result["InferenceHub (coalescing on, uvloop: the defaults)"]["median"]["throughput_rps"]
-    body = (
-        PEER_INTRO.format(top=top, rounds=rounds, duration=duration)
-        + "\n\n"
-        + table(
-            [
-                "server",
-                f"req/s at {top}",
-                "each round",
-                "p50 ms",
-                "p99 ms",
-                "p50 ms at 1",
-                "vs MLServer best",
-                "vs MLServer default",
-                "CPU ms per request",
-                "errors",
-            ],
-            rows,
-        )
+        row += [
+            f"{m['throughput_rps'] / triton[top]['median']['throughput_rps']:.2f}x",
+            ", ".join(f"{k} {v:.3f}" for k, v in by_level[top]["cpu"].items()),
+            sum(
+                r["median"]["errors"].get("http", 0) + r["median"]["errors"].get("socket", 0) for r in by_level.values()
+            ),
+        ]
+        rows.append(row)
+    headers = ["server", f"req/s at {top}", "each round", "p50 ms", "p99 ms"]
+    for c in levels[1:]:
+        headers += [f"req/s at {c}", f"p50 ms at {c}"]
+    headers += ["req/s vs Triton", f"CPU ms per request at {top}", "errors"]
+    body = PEER_INTRO.format(levels=", ".join(map(str, levels)), rounds=rounds, duration=duration)
+    body += "\n\n" + table(headers, rows)
+    grpc_rows = [
+        [name, *(x for c in (1, top) for x in ((r[c]["throughput_rps"], r[c]["p50_ms"]) if r[c] else ("-", "-")))]
+        for name, r in grpc.items()
+    ]
+    body += (
+        f"\n\nOver gRPC, Triton's `perf_analyzer` (one row a request, {duration:.0f} s windows) against InferenceHub's "
+        "replica and Triton's gRPC port (no gateway: the gateway speaks HTTP):\n\n"
+        + table(["server", "req/s at 1", "p50 ms at 1", f"req/s at {top}", f"p50 ms at {top}"], grpc_rows)
     )
+    ours = result[OURS]
+    best = result[MLSERVER_BEST][top]["median"]["throughput_rps"]
+    measured = {
+        "c64 vs Triton": ours[top]["median"]["throughput_rps"] / triton[top]["median"]["throughput_rps"],
+        "c1 p50 vs Triton": ours[1]["median"]["latency_ms"]["p50"] / triton[1]["median"]["latency_ms"]["p50"],
+        "vs MLServer best": ours[top]["median"]["throughput_rps"] / best,
+    }
+    met = {
+        "c64 vs Triton": measured["c64 vs Triton"] >= GOALS["c64 vs Triton"],
+        "c1 p50 vs Triton": measured["c1 p50 vs Triton"] <= GOALS["c1 p50 vs Triton"],
+        "vs MLServer best": measured["vs MLServer best"] >= GOALS["vs MLServer best"],
+    }
+    ours_p50, triton_p50 = ours[1]["median"]["latency_ms"]["p50"], triton[1]["median"]["latency_ms"]["p50"]
+
+    def said(key: str) -> str:
+        bound = "at most" if key == "c1 p50 vs Triton" else "at least"
+        return f"goal: {bound} {GOALS[key]:.1f}x; {'met' if met[key] else 'NOT met'}"
+
+    parts = [
+        f"throughput at concurrency {top} {measured['c64 vs Triton']:.2f}x Triton's ({said('c64 vs Triton')})",
+        f"p50 at concurrency 1 {measured['c1 p50 vs Triton']:.2f}x Triton's ({ours_p50:.2f} vs {triton_p50:.2f} ms; "
+        f"{said('c1 p50 vs Triton')})",
+        f"{measured['vs MLServer best']:.2f}x MLServer's best tuning ({said('vs MLServer best')})",
+    ]
     verdict = (
-        f"Through the gateway with one replica, InferenceHub serves {ours:.0f} req/s at concurrency {top}: "
-        f"{ours / best:.2f}x MLServer's best tuning ({best:.0f} req/s; goal: 1.5x) and {ours / default:.2f}x its "
-        f"default ({default:.0f} req/s), in the same run."
+        f"Against its peers in one run (load average {load[0]:.1f} before, {load_after[0]:.1f} after, on "
+        f"{os.cpu_count()} cores), InferenceHub through its gateway: " + "; ".join(parts) + "."
     )
     return body, verdict
 
@@ -207,7 +238,7 @@ def run(out: Path, quick: bool) -> str:
     )
     peer_body, peer_verdict = peer_rows(quick)
     verdict = f"{peer_verdict} {verdict}"
-    body += f"\n\n## Against MLServer\n\n{peer_body}"
+    body += f"\n\n## Against Triton and MLServer\n\n{peer_body}"
     write(out, NAME, TITLE, __doc__.split("\n\n", 1)[1].strip(), f"{body}\n\n{verdict}\n\n![plot]({NAME}.png)", quick)
 
     plt = figure()

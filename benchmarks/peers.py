@@ -1,4 +1,8 @@
-"""Peers and the HTTP load tool of the overhead benchmark: MLServer serving the same `iris` model, and `wrk`.
+"""Peers and load tools of the overhead benchmark: Triton and MLServer serving the same `iris` model, `wrk`, and
+Triton's `perf_analyzer` for gRPC.
+
+Triton 2.51 is the server binary the ``nvidia-pytriton`` wheel ships (``scripts/install_tools.py --bench`` lays it
+out with its Python backend): ``triton_iris.py`` runs in its Python-backend stub with dynamic batching.
 
 MLServer 1.7.1 lives in an environment of its own (``scripts/install_tools.py``, pinned in
 ``scripts/tool-requirements/mlserver.txt``) and serves ``mlserver_iris.py``, a custom runtime computing what
@@ -23,16 +27,34 @@ from inferencehub.processes import Child
 
 HERE = Path(__file__).resolve().parent
 MLSERVER = ROOT / ".cache" / "tools" / "mlserver" / "bin" / "mlserver"
+TRITON = ROOT / ".cache" / "tools" / "triton"  # scripts/install_tools.py lays the server and its backend out here
+TRITON_SERVER = TRITON / "package" / "pytriton" / "tritonserver"
+TRITON_CONFIG = """name: "iris"
+backend: "python"
+max_batch_size: 64
+input [ {{ name: "features", data_type: TYPE_FP32, dims: [ 4 ] }} ]
+output [
+  {{ name: "probabilities", data_type: TYPE_FP32, dims: [ 3 ] }},
+  {{ name: "label", data_type: TYPE_INT64, dims: [ 1 ], reshape: {{ shape: [ ] }} }}
+]
+dynamic_batching {{ }}
+instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+parameters {{ key: "weights", value: {{ string_value: "{weights}" }} }}
+"""
 IRIS_BODY = json.dumps(
     {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]}
 )
-TUNINGS = {"best": {"parallel_workers": 0}, "default": {}}
+TUNINGS = {"best": {"parallel_workers": 0}, "default": {}}  # settings.json
+# model-settings.json: the best tuning batches adaptively, as Triton's dynamic batcher and our coalescing do.
+MODEL_TUNINGS = {"best": {"max_batch_size": 64, "max_batch_time": 0.002}, "default": {}}
 
 
 def tools_missing() -> str | None:
     """Why the peer rows cannot run here, or None."""
     if not MLSERVER.exists():
         return "MLServer is not installed: run `make tools` (scripts/install_tools.py)"
+    if not (TRITON_SERVER / "bin" / "tritonserver").exists():
+        return "Triton is not installed: run `make bench` (scripts/install_tools.py --bench installs it)"
     if shutil.which("wrk") is None:
         return "wrk is not installed: run `make tools` (it installs Debian's wrk) or `apt-get install wrk`"
     return None
@@ -95,6 +117,7 @@ def mlserver(tuning: str, folder: Path) -> tuple[TreeProcess, str]:
                 "name": "iris",
                 "implementation": "mlserver_iris.IrisMLP",
                 "parameters": {"uri": str(SHIPPED / "iris" / "weights.npz"), "version": "1"},
+                **MODEL_TUNINGS[tuning],
             }
         )
     )
@@ -107,6 +130,39 @@ def mlserver(tuning: str, folder: Path) -> tuple[TreeProcess, str]:
         process.stop()
         raise
     return process, url
+
+
+def triton(folder: Path) -> tuple[TreeProcess, str, str]:
+    """Triton 2.51 serving `iris` (``triton_iris.py`` in its Python backend, dynamic batching up to 64 rows) on
+    free loopback ports; returns it, its HTTP URL and its gRPC target. Its CPU time includes the backend's stub
+    process, a child of the server, as MLServer's includes its workers."""
+    model = folder / "triton" / "iris"
+    (model / "1").mkdir(parents=True)
+    shutil.copy2(HERE / "triton_iris.py", model / "1" / "model.py")
+    (model / "config.pbtxt").write_text(TRITON_CONFIG.format(weights=SHIPPED / "iris" / "weights.npz"))
+    http, grpc, metrics = _free_ports(3)
+    command = [
+        str(TRITON_SERVER / "bin" / "tritonserver"),
+        f"--model-repository={folder / 'triton'}",
+        f"--backend-directory={TRITON / 'backends'}",
+        f"--cache-directory={TRITON_SERVER / 'caches'}",
+        "--http-address=127.0.0.1",
+        f"--http-port={http}",
+        "--grpc-address=127.0.0.1",
+        f"--grpc-port={grpc}",
+        "--metrics-address=127.0.0.1",
+        f"--metrics-port={metrics}",
+        "--log-verbose=0",
+    ]
+    env = {"LD_LIBRARY_PATH": str(TRITON / "package" / "nvidia_pytriton.libs")}
+    process = TreeProcess("triton", command, env=env)
+    url = f"http://127.0.0.1:{http}"
+    try:
+        process.wait_ready(f"{url}/v2/models/iris/ready")
+    except RuntimeError:
+        process.stop()
+        raise
+    return process, url, f"127.0.0.1:{grpc}"
 
 
 def mlservers(tunings, folder: Path, started: list) -> dict[str, tuple[TreeProcess, str]]:
@@ -203,27 +259,63 @@ def measure(processes: dict[str, Child], url: str, *, concurrency: int, duration
 
 
 def compare(
-    servers: dict[str, tuple[dict[str, Child], str]], *, rounds: int, duration: float, top: int, warm_up: bool = True
+    servers: dict[str, tuple[dict[str, Child], str]],
+    *,
+    rounds: int,
+    duration: float,
+    levels: tuple[int, ...],
+    warm_up: bool = True,
 ) -> dict:
-    """Every server in turn, ``rounds`` times (alternating, so a noisy neighbour hits them all alike): wrk at
-    concurrency ``top`` and at 1. Per server: the runs, and the median run at ``top`` (by req/s) with its CPU."""
-    runs: dict[str, list] = {name: [] for name in servers}
-    singles: dict[str, list] = {name: [] for name in servers}
+    """Every server in turn, ``rounds`` times (alternating, so a noisy neighbour hits them all alike): wrk at each
+    concurrency of ``levels`` (the CPU of every process measured at each). Per server and level: the runs, and
+    the median run (by req/s) with its CPU."""
+    runs: dict[str, dict[int, list]] = {name: {c: [] for c in levels} for name in servers}
     for _, url in servers.values() if warm_up else ():  # warm up every server and connection path once
         wrk(url, concurrency=4, duration=1)
     for _ in range(rounds):
         for name, (processes, url) in servers.items():
-            runs[name].append(measure(processes, url, concurrency=top, duration=duration))
-            singles[name].append(wrk(url, concurrency=1, duration=max(1.0, duration / 2)))
-    result = {}
+            for c in levels:
+                runs[name][c].append(measure(processes, url, concurrency=c, duration=duration))
+    result: dict[str, dict[int, dict]] = {}
     for name in servers:
-        ordered = sorted(runs[name], key=lambda run: run[0]["throughput_rps"])
-        median, cpu = ordered[len(ordered) // 2]
-        single = sorted(singles[name], key=lambda s: s["latency_ms"]["p50"])[len(singles[name]) // 2]
-        result[name] = {
-            "median": median,
-            "cpu": cpu,
-            "all_rps": [run[0]["throughput_rps"] for run in runs[name]],
-            "single": single,
-        }
+        result[name] = {}
+        for c in levels:
+            ordered = sorted(runs[name][c], key=lambda run: run[0]["throughput_rps"])
+            median, cpu = ordered[len(ordered) // 2]
+            result[name][c] = {"median": median, "cpu": cpu, "all_rps": [r[0]["throughput_rps"] for r in runs[name][c]]}
     return result
+
+
+PERF_ANALYZER = ROOT / ".cache" / "tools" / "perf-analyzer"
+
+
+def perf_analyzer(target: str, *, concurrency: int, seconds: float) -> dict | None:
+    """Triton's perf_analyzer over gRPC (one row of iris a request) at ``concurrency``: req/s and p50/p99 ms,
+    or None where perf_analyzer is not installed (``make tools``)."""
+    binary = PERF_ANALYZER / "bin" / "perf_analyzer"
+    cuda = next(PERF_ANALYZER.glob("lib/python*/site-packages/nvidia/cuda_runtime/lib"), None)
+    if not binary.exists() or cuda is None:
+        return None
+    done = subprocess.run(
+        [
+            str(binary),
+            *("-i", "grpc", "-u", target, "-m", "iris"),
+            *("--concurrency-range", str(concurrency)),
+            *("--measurement-interval", str(int(seconds * 1000))),
+            *("--stability-percentage", "1000", "--max-trials", "3", "--percentile", "50"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120 + 10 * seconds,
+        env={"LD_LIBRARY_PATH": str(cuda)},
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"perf_analyzer failed against {target}:\n{done.stdout[-1500:]}{done.stderr[-1500:]}")
+    rps = re.search(r"Throughput: ([\d.]+) infer/sec", done.stdout)
+    p50 = re.search(r"p50 latency: (\d+) usec", done.stdout)
+    p99 = re.search(r"p99 latency: (\d+) usec", done.stdout)
+    return {
+        "throughput_rps": float(rps.group(1)) if rps else float("nan"),
+        "p50_ms": int(p50.group(1)) / 1000 if p50 else float("nan"),
+        "p99_ms": int(p99.group(1)) / 1000 if p99 else float("nan"),
+    }

@@ -102,9 +102,34 @@ def perf_analyzer() -> None:
     print(f"perf_analyzer: {binary}", file=sys.stderr)
 
 
+def triton() -> Path:
+    """Triton's server and Python backend from the pytriton wheel, laid out as ``tritonserver`` wants them:
+    TOOLS/triton/backends/python/ holds the backend library, its utils and the Python 3.11 stub. The stub runs
+    on the system's Python 3.11 (Debian's), whose numpy is Debian's python3-numpy."""
+    root = TOOLS / "triton"
+    stamp = root / ".installed"
+    requirements = REQUIREMENTS / "triton.txt"
+    if not stamp.exists() or stamp.read_text() != requirements.read_text():
+        print("installing Triton (the pytriton wheel's server) into its own folder", file=sys.stderr)
+        shutil.rmtree(root, ignore_errors=True)
+        package = root / "package"
+        pip = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps"]
+        subprocess.run([*pip, "--target", str(package), "-r", str(requirements)], check=True)
+        server = package / "pytriton" / "tritonserver"
+        backend = root / "backends" / "python"
+        backend.mkdir(parents=True)
+        stub = server / "python_backend_stubs" / "3.11" / "triton_python_backend_stub"
+        for source in [*(server / "backends" / "python").glob("*.*"), stub]:
+            shutil.copy2(source, backend / source.name)
+        stamp.write_text(requirements.read_text())
+    apt_install("python3-numpy", "Triton's Python-backend stub runs on the system's Python and its numpy")
+    return root
+
+
 def bench_tools() -> None:
-    """The overhead benchmark's peer and load tool: MLServer in its own environment, and wrk."""
+    """The overhead benchmark's peers and load tool: MLServer in its own environment, Triton, and wrk."""
     print(f"MLServer: {tool_environment('mlserver') / 'bin' / 'mlserver'}", file=sys.stderr)
+    print(f"Triton: {triton() / 'package' / 'pytriton' / 'tritonserver' / 'bin' / 'tritonserver'}", file=sys.stderr)
     apt_install("wrk", "the overhead benchmark loads every server with wrk")
     print(f"wrk: {shutil.which('wrk')}", file=sys.stderr)
 

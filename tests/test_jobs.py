@@ -201,7 +201,20 @@ def test_200_concurrent_iris_jobs_equal_the_synchronous_answers(jobs_gateway):
         expected = list(pool.map(sync, bodies))
     with ThreadPoolExecutor(64) as pool:
         got = list(pool.map(job, enumerate(bodies)))
-    assert got == expected
+    # The same answers, to float32's precision: a row's probabilities may differ in their last bits with the
+    # batch it was computed in (numpy's matrix product blocks differently by batch size).
+    assert len(got) == len(expected)
+    for job_answer, sync_answer in zip(got, expected, strict=True):
+        assert _without_data(job_answer) == _without_data(sync_answer)
+        for a, b in zip(job_answer["outputs"], sync_answer["outputs"], strict=True):
+            if a["datatype"] == "FP32":
+                np.testing.assert_allclose(a["data"], b["data"], rtol=1e-5, atol=1e-9)
+            else:
+                assert a["data"] == b["data"]
+
+
+def _without_data(answer: dict) -> dict:
+    return {**answer, "outputs": [{k: v for k, v in o.items() if k != "data"} for o in answer["outputs"]]}
 
 
 def test_binary_outputs_come_back_as_the_binary_extension(jobs_gateway):

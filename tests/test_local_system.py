@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import pytest
 
 from inferencehub.processes import Child, ChildError
 
-from conftest import SHIPPED, Gateway, Replica, model_repository
+from conftest import SHIPPED, Gateway, Replica, model_repository, wait_for
 
 CLI = [sys.executable, "-m", "inferencehub"]
 
@@ -254,7 +254,10 @@ def test_bench_counts_errors_by_status_when_a_replica_stops(tmp_path):
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(1.5)
+        # Kill the replica once it has answered some of the bench's calls (not after a fixed time: a loaded
+        # machine may take seconds to start the bench).
+        metrics = f"http://127.0.0.1:{replica.metrics_port}/metrics"
+        wait_for(lambda: _answered(metrics) >= 4, timeout=60, what="the bench's first answered calls")
         replica.proc.send_signal(signal.SIGKILL)
         out, err = bench.communicate(timeout=60)
         assert bench.returncode == 0, err
@@ -264,6 +267,16 @@ def test_bench_counts_errors_by_status_when_a_replica_stops(tmp_path):
         assert summary["requests"] == summary["ok"] + sum(summary["errors"].values())
     finally:
         replica.kill()
+
+
+def _answered(metrics_url: str) -> float:
+    """Calls the replica answered OK so far, from its Prometheus metrics."""
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("inferencehub_inference_requests_total{") and 'code="OK"' in line
+    )
 
 
 def test_readme_quick_start_is_two_commands_that_exist():

@@ -485,6 +485,16 @@ def test_skaffold_matches_the_dockerfiles_and_the_chart():
 def test_kind_path_files():
     kind = yaml.safe_load((ROOT / "k8s" / "kind-cluster.yaml").read_text())
     assert [n["role"] for n in kind["nodes"]] == ["control-plane", "worker", "worker"]
+    # Every node runs one pinned node image (tag and digest) of a Kubernetes the chart supports and is validated
+    # for: without it each kind release brings its own default (kind 0.20: 1.27, which the chart refuses).
+    (image,) = {n.get("image") for n in kind["nodes"]}
+    match = re.fullmatch(r"kindest/node:v(\d+)\.(\d+)\.(\d+)@sha256:[0-9a-f]{64}", image or "")
+    assert match, image
+    version = tuple(int(v) for v in match.groups())
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    oldest = tuple(int(v) for v in re.fullmatch(r">=(\d+)\.(\d+)\.(\d+)-0", chart["kubeVersion"]).groups())
+    newest = tuple(int(v) for v in KUBERNETES[-1].split("."))
+    assert oldest <= version and version[:2] <= newest[:2], (version, chart["kubeVersion"], KUBERNETES)
     job = yaml.safe_load((ROOT / "k8s" / "hpa-load-job.yaml").read_text())
     kubernetes_validate.validate(job, KUBERNETES[0], strict=True)
     container = job["spec"]["template"]["spec"]["containers"][0]

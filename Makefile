@@ -44,6 +44,6 @@ proto: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-# The Kubernetes path on a local cluster (needs docker, kubectl, helm, and kind or minikube).
+# The Kubernetes path on a local cluster (needs docker or podman, kubectl, helm, and kind or minikube).
 kind-up kind-demo kind-down minikube-up minikube-demo minikube-down:
 	scripts/k8s.sh $(firstword $(subst -, ,$@)) $(lastword $(subst -, ,$@))

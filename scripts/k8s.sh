@@ -7,9 +7,21 @@
 #   scripts/k8s.sh kind down     delete the cluster
 #   scripts/k8s.sh minikube up|demo|down    the same on minikube
 #
-# Needs docker, kubectl, helm 3 or 4, and kind or minikube. Every kubectl and helm call names the cluster's
-# own context (kind-$CLUSTER, or the minikube profile $CLUSTER), never the current one.
-# Settings: CLUSTER (inferencehub), RELEASE (inferencehub), NAMESPACE (inferencehub), LOCAL_PORT (18080).
+# Needs bash 4.4+, docker or podman, kubectl, helm 3 or 4, and kind or minikube. Every kubectl and helm call names
+# the cluster's own context (kind-$CLUSTER, or the minikube profile $CLUSTER), never the current one.
+# Settings: CLUSTER (inferencehub), RELEASE (inferencehub), NAMESPACE (inferencehub), LOCAL_PORT (18080),
+# KIND_EXPERIMENTAL_PROVIDER=podman (images built with podman; also chosen when there is podman but no docker).
+
+# Plain sh up to here, so that an older bash (macOS ships 3.2) or another shell prints this, not a syntax error.
+case ${BASH_VERSION:-} in
+  4.[4-9]* | 4.[1-9][0-9]* | [5-9].* | [1-9][0-9]*) ;;
+  *)
+    if [ -n "${BASH_VERSION:-}" ]; then shell="bash $BASH_VERSION"; else shell="not bash"; fi
+    printf 'error: scripts/k8s.sh needs bash 4.4 or newer; this shell is %s.\n' "$shell" >&2
+    printf '       On macOS: brew install bash, then run it with that bash: "$(brew --prefix)/bin/bash" scripts/k8s.sh ...\n' >&2
+    exit 1
+    ;;
+esac
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +34,8 @@ METRICS_SERVER=https://github.com/kubernetes-sigs/metrics-server/releases/downlo
 DEMO_SECONDS=${DEMO_SECONDS:-300}
 LOAD_JOB=inferencehub-hpa-load
 
+KIND_NODE_RELEASE=0.33.0  # the kind release whose node image k8s/kind-cluster.yaml pins
+
 say() { printf '\n==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 need() { for tool in "$@"; do command -v "$tool" >/dev/null || die "$tool is not installed"; done; }
@@ -30,15 +44,22 @@ if [[ $PLATFORM == kind ]]; then CONTEXT=kind-$CLUSTER; else CONTEXT=$CLUSTER; f
 k() { kubectl --context "$CONTEXT" --namespace "$NAMESPACE" "$@"; }
 h() { helm --kube-context "$CONTEXT" --namespace "$NAMESPACE" "$@"; }
 
-# Background processes (port-forwards) are stopped on every way out: success, a failed step, Ctrl-C.
+# Background processes (port-forwards) are stopped and temporary files removed on every way out: success, a
+# failed step, Ctrl-C (INT), a closed terminal (HUP), kill or a CI timeout (TERM). A signal that arrives while a
+# foreground command runs (a build, helm's --wait) takes effect when that command returns: bash waits for it.
 BACKGROUND=()
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/inferencehub-k8s.XXXXXX")
 cleanup() {
   local pid
   for pid in "${BACKGROUND[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then kill "$pid"; fi
+    if kill -0 "$pid" 2>/dev/null; then kill "$pid" 2>/dev/null || true; fi
   done
+  rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
 
 # Images are tagged by content: the commit, plus a hash of the working tree and "-dirty" when it has
 # changes, so every `up` deploys the code as it is and a changed tree never reuses an old tag.
@@ -46,7 +67,7 @@ image_tag() {
   local revision tree index
   revision=$(git rev-parse --short=12 HEAD)
   if [[ -z $(git status --porcelain --untracked-files=normal) ]]; then echo "$revision"; return; fi
-  index=$(mktemp)
+  index=$WORK/index
   cp "$(git rev-parse --git-path index)" "$index"
   tree=$(GIT_INDEX_FILE=$index git add -A && GIT_INDEX_FILE=$index git write-tree)
   rm -f "$index"
@@ -64,23 +85,66 @@ component_object() {  # KIND COMPONENT
   echo "$name"
 }
 
+# The container engine that builds the images: podman when kind is told to use it
+# (KIND_EXPERIMENTAL_PROVIDER=podman) or when there is podman and no docker, else docker.
+container_engine() {
+  case ${KIND_EXPERIMENTAL_PROVIDER:-} in
+    podman) echo podman; return ;;
+    docker) echo docker; return ;;
+    "") ;;
+    *) die "KIND_EXPERIMENTAL_PROVIDER=$KIND_EXPERIMENTAL_PROVIDER: this script builds with docker or podman" ;;
+  esac
+  if ! command -v docker >/dev/null && command -v podman >/dev/null; then echo podman; else echo docker; fi
+}
+
+# The images' names: podman names an unqualified image localhost/<name>, and the cluster's nodes keep that name
+# after `kind load image-archive`, so the chart's image repositories carry the prefix too.
+image_name() {  # COMPONENT
+  if [[ $ENGINE == podman ]]; then echo "localhost/inferencehub-$1:$TAG"; else echo "inferencehub-$1:$TAG"; fi
+}
+
 build_images() {
   local component
   for component in gateway inference; do
-    say "building inferencehub-$component:$TAG"
-    docker build -f "Dockerfile.$component" -t "inferencehub-$component:$TAG" .
+    say "building $(image_name "$component") with $ENGINE"
+    "$ENGINE" build -f "Dockerfile.$component" -t "$(image_name "$component")" .
   done
 }
 
+# docker: `kind load docker-image` / `minikube image load` read the image from the Docker daemon. podman has no
+# daemon they can read, so the image goes through an archive (`podman save`), removed on exit.
 load_images() {
-  local component
+  local component image archive
   for component in gateway inference; do
-    if [[ $PLATFORM == kind ]]; then
-      kind load docker-image "inferencehub-$component:$TAG" --name "$CLUSTER"
+    image=$(image_name "$component")
+    if [[ $ENGINE == podman ]]; then
+      archive=$WORK/inferencehub-$component.tar
+      podman save --format docker-archive -o "$archive" "$image"
+      if [[ $PLATFORM == kind ]]; then
+        kind load image-archive "$archive" --name "$CLUSTER"
+      else
+        minikube -p "$CLUSTER" image load "$archive"
+      fi
+      rm -f "$archive"
+    elif [[ $PLATFORM == kind ]]; then
+      kind load docker-image "$image" --name "$CLUSTER"
     else
-      minikube -p "$CLUSTER" image load "inferencehub-$component:$TAG"
+      minikube -p "$CLUSTER" image load "$image"
     fi
   done
+}
+
+# k8s/kind-cluster.yaml pins a node image built by one kind release: an older kind may not boot it.
+check_kind_version() {
+  local version
+  version=$(kind version 2>/dev/null || true)
+  [[ $version =~ v([0-9]+)\.([0-9]+)\.([0-9]+) ]] || return 0
+  local IFS=.
+  local -a want=($KIND_NODE_RELEASE)
+  if ((BASH_REMATCH[1] < want[0] || (BASH_REMATCH[1] == want[0] && BASH_REMATCH[2] < want[1]))); then
+    printf 'warning: kind %s is older than v%s, whose node image k8s/kind-cluster.yaml pins; if the cluster does not start, upgrade kind\n' \
+      "${BASH_REMATCH[0]}" "$KIND_NODE_RELEASE" >&2
+  fi
 }
 
 metrics_server() {
@@ -99,8 +163,12 @@ metrics_server() {
 
 install_chart() {
   say "installing the chart as release $RELEASE in namespace $NAMESPACE (context $CONTEXT, images :$TAG)"
-  h upgrade --install "$RELEASE" charts/inferencehub --create-namespace --wait --timeout 5m \
-    --set "gateway.image.tag=$TAG" --set "inference.image.tag=$TAG"
+  local images=(--set "gateway.image.tag=$TAG" --set "inference.image.tag=$TAG")
+  if [[ $ENGINE == podman ]]; then
+    images+=(--set "gateway.image.repository=localhost/inferencehub-gateway")
+    images+=(--set "inference.image.repository=localhost/inferencehub-inference")
+  fi
+  h upgrade --install "$RELEASE" charts/inferencehub --create-namespace --wait --timeout 5m "${images[@]}"
   k get pods -l "app.kubernetes.io/instance=$RELEASE" -o wide
 }
 
@@ -133,7 +201,13 @@ smoke() {
 }
 
 up() {
-  need docker kubectl helm git "$PLATFORM"
+  ENGINE=$(container_engine)
+  need "$ENGINE" kubectl helm git "$PLATFORM"
+  if [[ $PLATFORM == kind ]]; then
+    # kind itself uses this provider for its nodes; with podman, kind also finds it alone when docker is absent.
+    if [[ $ENGINE == podman ]]; then export KIND_EXPERIMENTAL_PROVIDER=podman; fi
+    check_kind_version
+  fi
   TAG=$(image_tag)
   if [[ $PLATFORM == kind ]]; then
     local clusters
@@ -204,5 +278,5 @@ case "$PLATFORM:$STEP" in
   kind:up | minikube:up) up ;;
   kind:demo | minikube:demo) demo ;;
   kind:down | minikube:down) down ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  *) sed -n '2,13p' "$0"; exit 2 ;;
 esac

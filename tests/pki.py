@@ -61,11 +61,14 @@ class CA:
         path.write_bytes(self.pem)
         return path
 
-    def issue(self, name: str, dns: tuple[str, ...] = (), ips: tuple[str, ...] = ()) -> tuple[bytes, bytes]:
+    def issue(
+        self, name: str, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (), uris: tuple[str, ...] = ()
+    ) -> tuple[bytes, bytes]:
         """A certificate for ``name`` (usable by servers and clients) with these SANs: (cert PEM, key PEM)."""
         key = _key()
         now = datetime.datetime.now(datetime.UTC)
         sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        sans += [x509.UniformResourceIdentifier(u) for u in uris]
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -85,9 +88,11 @@ class CA:
         cert = builder.sign(self.key, hashes.SHA256())
         return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
-    def write_pair(self, folder: Path, stem: str, dns: tuple[str, ...] = (), ips: tuple[str, ...] = ()) -> Pair:
+    def write_pair(
+        self, folder: Path, stem: str, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (), uris: tuple[str, ...] = ()
+    ) -> Pair:
         folder.mkdir(parents=True, exist_ok=True)
-        cert, key = self.issue(stem, dns, ips)
+        cert, key = self.issue(stem, dns, ips, uris)
         pair = Pair(folder / f"{stem}.crt", folder / f"{stem}.key")
         pair.cert.write_bytes(cert)
         pair.key.write_bytes(key)

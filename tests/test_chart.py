@@ -48,6 +48,14 @@ VALUE_SETS = {
     "hpa-off": ["--set", "inference.autoscaling.enabled=false"],
     "networkpolicy": ["--set", "networkPolicy.enabled=true"],
     "servicemonitor": ["--set", "serviceMonitor.enabled=true"],
+    # OpenShift's restricted SCC: the platform assigns uid and gid (with the NetworkPolicies on, so the helm test
+    # and scrape rules render with it too).
+    "platform-ids": [
+        "--set",
+        "securityContext.platformAssignsIds=true,networkPolicy.enabled=true",
+        "--set-json",
+        'networkPolicy.gateway.from=[{"namespaceSelector": {"matchLabels": {"ingress": "true"}}}]',
+    ],
     "dashboard": ["--set", "dashboard.enabled=true"],
     "custom-metric": ["--set", "inference.autoscaling.inFlightRequests.enabled=true"],
     "configmap-models": [
@@ -271,7 +279,10 @@ def test_policies(rendered, values):
     for policy in by_kind(objects, "NetworkPolicy"):
         if policy["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway":
             assert policy["spec"]["podSelector"]["matchLabels"].items() <= pods["gateway"]["metadata"]["labels"].items()
-            assert [p["port"] for p in policy["spec"]["ingress"][0]["ports"]] == ["http"]
+            for rule in policy["spec"]["ingress"]:  # every rule opens the HTTP port and nothing else
+                assert [p["port"] for p in rule["ports"]] == ["http"]
+            continue
+        if policy["metadata"]["labels"]["app.kubernetes.io/component"] != "inference":
             continue
         allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
         assert allowed.items() <= pods["gateway"]["metadata"]["labels"].items()
@@ -485,6 +496,16 @@ def test_skaffold_matches_the_dockerfiles_and_the_chart():
 def test_kind_path_files():
     kind = yaml.safe_load((ROOT / "k8s" / "kind-cluster.yaml").read_text())
     assert [n["role"] for n in kind["nodes"]] == ["control-plane", "worker", "worker"]
+    # Every node runs one pinned node image (tag and digest) of a Kubernetes the chart supports and is validated
+    # for: without it each kind release brings its own default (kind 0.20: 1.27, which the chart refuses).
+    (image,) = {n.get("image") for n in kind["nodes"]}
+    match = re.fullmatch(r"kindest/node:v(\d+)\.(\d+)\.(\d+)@sha256:[0-9a-f]{64}", image or "")
+    assert match, image
+    version = tuple(int(v) for v in match.groups())
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    oldest = tuple(int(v) for v in re.fullmatch(r">=(\d+)\.(\d+)\.(\d+)-0", chart["kubeVersion"]).groups())
+    newest = tuple(int(v) for v in KUBERNETES[-1].split("."))
+    assert oldest <= version and version[:2] <= newest[:2], (version, chart["kubeVersion"], KUBERNETES)
     job = yaml.safe_load((ROOT / "k8s" / "hpa-load-job.yaml").read_text())
     kubernetes_validate.validate(job, KUBERNETES[0], strict=True)
     container = job["spec"]["template"]["spec"]["containers"][0]
@@ -688,3 +709,141 @@ def test_production_defaults(rendered):
         container = one(objects, "Deployment", component)["spec"]["template"]["spec"]["containers"][0]
         grace = next(float(e["value"]) for e in container["env"] if e["name"] == "INFERENCEHUB_GRACE_SECONDS")
         assert deadline <= grace
+
+
+# --- pod identities, and who the gateway's NetworkPolicy lets in --------------------------------------------
+
+
+def pod_specs(objects: list[dict]) -> dict[str, dict]:
+    """Every pod the chart makes, by name: the Deployments' and StatefulSets' templates, and the helm test Pods."""
+    specs = {o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in by_kind(objects, "Deployment")}
+    specs |= {o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in by_kind(objects, "StatefulSet")}
+    specs |= {o["metadata"]["name"]: o["spec"] for o in by_kind(objects, "Pod")}
+    return specs
+
+
+IDS = ("runAsUser", "runAsGroup", "fsGroup")
+
+
+def test_pods_run_as_the_images_user_by_default(rendered):
+    specs = pod_specs(rendered["defaults"])
+    # The gateway, the replicas, the job queue's NATS and the helm test pods.
+    assert {f"{RELEASE}-gateway", f"{RELEASE}-inference", f"{RELEASE}-nats", f"{RELEASE}-test-gateway"} <= set(specs)
+    for name, spec in specs.items():
+        assert {k: spec["securityContext"][k] for k in IDS} == dict.fromkeys(IDS, 10001), name
+        assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_pods_can_leave_their_ids_to_the_platform(rendered):
+    """OpenShift's restricted SCC rejects pods naming a uid outside the namespace's range: name none."""
+    specs = pod_specs(rendered["platform-ids"])
+    assert len(specs) >= 4
+    for name, spec in specs.items():
+        context = spec["securityContext"]
+        assert context["runAsNonRoot"] is True and context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert not set(IDS) & set(context), (name, context)
+        for container in spec["containers"]:
+            security = container["securityContext"]
+            assert security["runAsNonRoot"] is True and not set(IDS) & set(security), (name, security)
+            assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "securityContext.runAsUser=null"], {"runAsGroup": 10001, "fsGroup": 10001}),
+        (["--set", "securityContext.runAsGroup=null"], {"runAsUser": 10001}),
+        (["--set", "securityContext.runAsUser=1000650000,securityContext.runAsGroup=0"], None),  # gid 0: refused
+        (["--set", "securityContext.runAsUser=1000650000"], {"runAsUser": 1000650000, "runAsGroup": 10001}),
+    ],
+)
+def test_each_id_can_be_set_or_left_out(args, expected):
+    done = helm("helm3", "template", RELEASE, str(CHART), *args, check=False)
+    if expected is None:
+        assert done.returncode != 0 and "runAsGroup" in done.stderr, done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    objects = [o for o in yaml.safe_load_all(done.stdout) if o]
+    for name, spec in pod_specs(objects).items():
+        ids = {k: spec["securityContext"][k] for k in IDS if k in spec["securityContext"]}
+        assert ids == {**expected, **({"fsGroup": expected["runAsGroup"]} if "runAsGroup" in expected else {})}, name
+
+
+def _matches(selector: dict | None, labels: dict) -> bool:
+    return selector is not None and selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def admits(policy: dict, pod: dict, namespace: dict, port: str = "http") -> bool:
+    """NetworkPolicy ingress semantics (matchLabels peers): may a pod with these labels, in a namespace with these
+    labels, reach ``port`` of the pods the policy selects (in the release's namespace)?"""
+    home = namespace.get("kubernetes.io/metadata.name") == NAMESPACE
+    for rule in policy["spec"]["ingress"]:
+        if port not in [p["port"] for p in rule.get("ports", [{"port": port}])]:
+            continue
+        if "from" not in rule:
+            return True
+        for peer in rule["from"]:
+            pods, namespaces = peer.get("podSelector"), peer.get("namespaceSelector")
+            if namespaces is None and _matches(pods, pod) and home:
+                return True
+            if namespaces is not None and _matches(namespaces, namespace) and (pods is None or _matches(pods, pod)):
+                return True
+    return False
+
+
+MONITORING = {"kubernetes.io/metadata.name": "monitoring"}
+INGRESS = {"kubernetes.io/metadata.name": "ingress-nginx", "ingress": "true"}
+HOME = {"kubernetes.io/metadata.name": NAMESPACE}
+PROMETHEUS = {"app.kubernetes.io/name": "prometheus", "prometheus": "kube-prometheus"}
+RESTRICTED = [
+    "--set",
+    "networkPolicy.enabled=true",
+    "--set-json",
+    'networkPolicy.gateway.from=[{"namespaceSelector": {"matchLabels": {"ingress": "true"}}}]',
+]
+
+
+def gateway_policy(objects: list[dict]) -> dict:
+    return one(objects, "NetworkPolicy", "gateway")
+
+
+def test_a_restricted_gateway_still_admits_prometheus_and_the_charts_helm_test(rendered):
+    objects = render("helm3", RESTRICTED)
+    policy = gateway_policy(objects)
+    test_pod = next(p for p in by_kind(objects, "Pod") if p["metadata"]["name"] == f"{RELEASE}-test-gateway")
+    assert admits(policy, {"app": "ingress-nginx"}, INGRESS)  # the peers the user named
+    assert admits(policy, test_pod["metadata"]["labels"], HOME)  # helm test's request to the gateway
+    assert admits(policy, PROMETHEUS, MONITORING)  # the scrape of /metrics (on the HTTP port)
+    # Nobody else: another pod of the namespace, a pod in another namespace, a "test" pod of another release.
+    assert not admits(policy, {"app": "something"}, HOME)
+    assert not admits(policy, {"app": "something"}, MONITORING)
+    other_release = {**test_pod["metadata"]["labels"], "app.kubernetes.io/instance": "other"}
+    assert not admits(policy, other_release, HOME)
+    assert not admits(policy, test_pod["metadata"]["labels"], MONITORING)  # the label counts in this namespace only
+    # The job queue and the replicas never call the gateway; the rules stay on its one port.
+    assert not admits(policy, PROMETHEUS, MONITORING, port="grpc")
+    # The same rules in the platform-ids set (what users of the restricted SCC render).
+    assert gateway_policy(rendered["platform-ids"])["spec"] == policy["spec"]
+
+
+def test_the_scrape_peers_are_configurable():
+    narrowed = [
+        *RESTRICTED,
+        "--set-json",
+        'networkPolicy.gateway.metricsFrom=[{"namespaceSelector": {"matchLabels": '
+        '{"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {"matchLabels": {"prometheus": "main"}}}]',
+    ]
+    policy = gateway_policy(render("helm3", narrowed))
+    assert admits(policy, {"prometheus": "main"}, MONITORING)
+    assert not admits(policy, {"prometheus": "main"}, {"kubernetes.io/metadata.name": "elsewhere"})
+    assert not admits(policy, PROMETHEUS, {"kubernetes.io/metadata.name": "elsewhere"})
+    # [] : no scrape rule (the helm test rule stays).
+    policy = gateway_policy(render("helm3", [*RESTRICTED, "--set-json", "networkPolicy.gateway.metricsFrom=[]"]))
+    assert not admits(policy, PROMETHEUS, MONITORING)
+    assert len(policy["spec"]["ingress"]) == 2
+
+
+def test_an_unrestricted_gateway_has_one_open_rule(rendered):
+    policy = gateway_policy(rendered["networkpolicy"])
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
+    assert admits(policy, {"anything": "x"}, {"kubernetes.io/metadata.name": "anywhere"})

@@ -10,6 +10,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import grpc
 import kubernetes_validate
 import pytest
 from dnslib.server import DNSLogger, DNSServer
@@ -69,6 +70,8 @@ VALUE_SETS = {
         "tls.gatewaySecret=my-gateway-tls",
         "--set",
         "tls.healthPort=9000",
+        "--set",
+        "tls.gatewayName=gateway.example.com",  # what the user's own gateway certificate carries
     ],
     "keys": KEYS,
     "keys-existing-secret": [
@@ -79,7 +82,14 @@ VALUE_SETS = {
         "--set",
         "auth.apiKeys.secretKey=keys.txt",
     ],
-    "all-on": [*TLS_CM, *KEYS, "--set", "networkPolicy.enabled=true", "--set", "inference.autoscaling.enabled=false"],
+    "all-on": [
+        *TLS_CM,
+        *KEYS,
+        "--set",
+        "networkPolicy.enabled=true,inference.autoscaling.enabled=false",
+        "--set-json",
+        'tls.extraClientNames=["spiffe://cluster.local/ns/ops/sa/debug"]',
+    ],
 }
 
 
@@ -166,6 +176,13 @@ def test_tls_wiring_secrets_mounts_env_probes(rendered, values):
     (replica_name,) = {name for name, _ in replica_secret}
     (gateway_name,) = {name for name, _ in gateway_secret}
     assert {key for _, key in replica_secret} == {key for _, key in gateway_secret} == {"tls.crt", "tls.key", "ca.crt"}
+    # The replicas serve the gateway's identity only (plus tls.extraClientNames).
+    gateway_identity = f"{RELEASE}-gateway.{NAMESPACE}.svc.cluster.local"
+    expected = {
+        "all-on": f"{gateway_identity},spiffe://cluster.local/ns/ops/sa/debug",
+        "tls-own-secrets": "gateway.example.com",
+    }.get(values, gateway_identity)
+    assert ienv["INFERENCEHUB_TLS_CLIENT_NAMES"] == expected
     if values == "tls-own-secrets":
         assert (replica_name, gateway_name) == ("my-replica-tls", "my-gateway-tls")
         assert not by_kind(objects, "Certificate")
@@ -184,7 +201,7 @@ def test_tls_wiring_secrets_mounts_env_probes(rendered, values):
     upstream_host = re.fullmatch(r"dns:///([^:]+):\d+", genv["INFERENCEHUB_UPSTREAM"]).group(1)
     assert upstream_host in server["dnsNames"]
     assert f"{RELEASE}-inference" in server["dnsNames"]  # the Service helm test and port-forward use
-    assert "dnsNames" not in client
+    assert client["dnsNames"] == [gateway_identity]  # the gateway's certificate carries the identity served
 
     tests = {p["metadata"]["name"]: p for p in by_kind(objects, "Pod")}
     assert f"{RELEASE}-test-grpc-health" not in tests  # plaintext: would fail with TLS on
@@ -226,6 +243,8 @@ def test_bad_values_are_rejected_with_a_clear_message():
         (["--set", "tls.colour=blue"], "colour"),
         (["--set", "tls.enabled=true", "--set", "tls.certManager.enabled=true"], "issuerRef/name"),
         (["--set", "tls.certManager.duration=90 days"], "duration"),
+        (["--set", "tls.gatewayName=two names"], "gatewayName"),
+        (["--set-json", 'tls.extraClientNames=["a,b"]'], "extraClientNames"),
         (["--set", "auth.apiKeys.enabled=true"], "auth.apiKeys.keys"),
     ]:
         done = helm("helm3", "template", RELEASE, str(CHART), *args, check=False)
@@ -265,7 +284,7 @@ def test_wiring_with_tls_and_api_keys_on(rendered, tmp_path):
     # What cert-manager would write: a CA issuer's certificates for exactly the names the chart asks for.
     ca = CA("the cluster's CA issuer")
     server_cert, server_key = ca.issue("inference", dns=tuple(server["dnsNames"]))
-    client_cert, client_key = ca.issue(client["commonName"])
+    client_cert, client_key = ca.issue(client["commonName"], dns=tuple(client["dnsNames"]))
     (secret,) = by_kind(objects, "Secret")
     files = {
         server["secretName"]: {"tls.crt": server_cert, "tls.key": server_key, "ca.crt": ca.pem},
@@ -287,6 +306,21 @@ def test_wiring_with_tls_and_api_keys_on(rendered, tmp_path):
                 what=f"the inference {probe} on the health-only port",
             )
         assert not _grpc_probe(f"{inference_host}:{grpc_port}", "")  # the gRPC port refuses plaintext
+
+        def health_over_tls(cert: bytes, key: bytes) -> grpc.StatusCode:
+            credentials = grpc.ssl_channel_credentials(ca.pem, key, cert)
+            options = [("grpc.ssl_target_name_override", server["dnsNames"][0])]
+            with grpc.secure_channel(f"{inference_host}:{grpc_port}", credentials, options) as channel:
+                try:
+                    channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=5)
+                except grpc.RpcError as exc:
+                    return exc.code()
+            return grpc.StatusCode.OK
+
+        # The same issuer signs another workload's certificate: the replica refuses it, and serves the gateway's.
+        other_cert, other_key = ca.issue("batch-job", dns=(f"batch-job.{NAMESPACE}.svc.cluster.local",))
+        assert health_over_tls(other_cert, other_key) == grpc.StatusCode.PERMISSION_DENIED
+        assert health_over_tls(client_cert, client_key) == grpc.StatusCode.OK
 
         genv = env_of(gateway)
         name, target_port = re.fullmatch(r"dns:///([^:]+):(\d+)", genv["INFERENCEHUB_UPSTREAM"]).groups()

@@ -2,13 +2,16 @@
 PATH that record their arguments and answer what the script asks. What is proven: every kubectl and helm call
 names the cluster's own context, the chart is installed with --create-namespace and content-tagged images,
 object names come from the cluster (by the chart's labels), the HPA status is read by jsonpath and printed as
-`cpu: 4%/60%`, and the port-forward is stopped whether the run succeeds or a step fails."""
+`cpu: 4%/60%`, the port-forward is stopped and temporary files removed whether the run succeeds, a step fails, or
+the script gets SIGINT, SIGTERM or SIGHUP; podman builds and loads through an image archive; an old bash or
+another shell gets a clear message."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +41,9 @@ STUB = textwrap.dedent(
     hang = os.environ.get("STUB_HANG", "")
     if hang and hang in " ".join([tool, *args]):
         time.sleep(60)  # a step that takes long: the user presses Ctrl-C
+    if tool == "kind":
+        with open(state / "kind-provider.txt", "a") as log:
+            log.write(os.environ.get("KIND_EXPERIMENTAL_PROVIDER", "") + "\n")
     fail = os.environ.get("STUB_FAIL", "")
     if fail and fail in line:
         print(f"{tool}: failing as the test asked", file=sys.stderr)
@@ -47,6 +53,13 @@ STUB = textwrap.dedent(
         sys.stdout.write(text)
         sys.exit(0)
 
+    if tool == "kind" and args == ["version"]:
+        out(os.environ.get("STUB_KIND_VERSION", ""))
+    if tool == "podman" and args[:1] == ["save"]:
+        Path(args[args.index("-o") + 1]).write_bytes(b"an image archive")
+    if tool == "kind" and args[:2] == ["load", "image-archive"] and not Path(args[2]).is_file():
+        print(f"kind: no archive at {args[2]}", file=sys.stderr)
+        sys.exit(1)
     if tool == "kubectl" and "port-forward" in args:
         (state / "port-forward.pid").write_text(str(os.getpid()))
         time.sleep(120)  # a forward runs until it is stopped
@@ -70,6 +83,8 @@ STUB = textwrap.dedent(
         (state / "applied.yaml").write_text(sys.stdin.read())
     if tool == "curl" and not (state / "port-forward.pid").exists():
         sys.exit(7)  # nothing listens until the port-forward runs
+    if tool == "curl" and os.environ.get("STUB_NOT_READY") and any(a.endswith("/readyz") for a in args):
+        sys.exit(22)  # the gateway is slow to get ready: the script keeps polling
     if tool == "curl" and any("/v2/models/mock/infer" in a for a in args):
         out("HTTP/1.1 200 OK\nx-inferencehub-replica: pod-a\n\n{}")
     if tool == "curl":
@@ -77,14 +92,18 @@ STUB = textwrap.dedent(
     sys.exit(0)
     '''
 ).lstrip()
-TOOLS = ["kind", "minikube", "kubectl", "helm", "docker", "curl"]
+TOOLS = ["kind", "minikube", "kubectl", "helm", "docker", "podman", "curl"]
+# The real commands the script uses besides the stand-ins (for a PATH that has no docker at all).
+SYSTEM_TOOLS = ["git", "mktemp", "cp", "rm", "grep", "sed", "sort", "uniq", "awk", "date", "sleep", "dirname"]
+BASH = shutil.which("bash")
 
 
 @pytest.fixture
 def stubs(tmp_path: Path) -> Path:
-    bin_dir, state = tmp_path / "bin", tmp_path / "state"
+    bin_dir, state, temp = tmp_path / "bin", tmp_path / "state", tmp_path / "tmp"
     bin_dir.mkdir()
     state.mkdir()
+    temp.mkdir()
     text = STUB.replace("#!PYTHON", f"#!{sys.executable}")
     for tool in TOOLS:
         path = bin_dir / tool
@@ -93,10 +112,12 @@ def stubs(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run(stubs: Path, *args: str, fail: str = "", **env: str) -> subprocess.CompletedProcess:
-    environment = {
+def environment(stubs: Path, fail: str = "", **env: str) -> dict[str, str]:
+    return {
         **os.environ,
         "PATH": f"{stubs / 'bin'}:{os.environ['PATH']}",
+        "TMPDIR": str(stubs / "tmp"),  # the script's temporary files go here: the tests check they are removed
+        "KIND_EXPERIMENTAL_PROVIDER": "",
         "STUB_STATE": str(stubs / "state"),
         "STUB_FAIL": fail,
         "STUB_GATEWAY_SERVICE": GATEWAY_SERVICE,
@@ -106,7 +127,16 @@ def run(stubs: Path, *args: str, fail: str = "", **env: str) -> subprocess.Compl
         "DEMO_SECONDS": "30",
         **env,
     }
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=environment, timeout=60)
+
+
+def run(stubs: Path, *args: str, fail: str = "", **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [BASH, str(SCRIPT), *args], capture_output=True, text=True, env=environment(stubs, fail, **env), timeout=60
+    )
+
+
+def assert_no_temporary_files(stubs: Path) -> None:
+    assert not list((stubs / "tmp").iterdir()), list((stubs / "tmp").iterdir())
 
 
 def calls(stubs: Path) -> list[list[str]]:
@@ -174,7 +204,121 @@ def test_kind_up_binds_every_call_to_the_kind_context_and_deploys_content_tagged
     assert f"service/{GATEWAY_SERVICE}" in forward
     assert "x-inferencehub-replica: pod-a" in done.stdout
     assert any(c[0] == "helm" and "test" in c and "rel" in c for c in recorded)
+    assert not any(c[0] == "podman" for c in recorded)
     assert_forward_stopped(stubs)
+    assert_no_temporary_files(stubs)
+    # The cluster runs the pinned node image (k8s/kind-cluster.yaml), created from that file.
+    create = next(c for c in recorded if c[:3] == ["kind", "create", "cluster"])
+    assert create[create.index("--config") + 1] == "k8s/kind-cluster.yaml"
+
+
+def podman_install_checks(stubs: Path, recorded: list[list[str]]) -> None:
+    assert not any(c[0] == "docker" for c in recorded)
+    builds = [c for c in recorded if c[:2] == ["podman", "build"]]
+    images = sorted(c[c.index("-t") + 1] for c in builds)
+    assert [i.split(":")[0] for i in images] == ["localhost/inferencehub-gateway", "localhost/inferencehub-inference"]
+    tag = images[0].split(":", 1)[1]
+    saves = [c for c in recorded if c[:2] == ["podman", "save"]]
+    assert sorted(c[-1] for c in saves) == images
+    assert all(c[c.index("--format") + 1] == "docker-archive" for c in saves)
+    archives = sorted(c[c.index("-o") + 1] for c in saves)
+    loads = [c for c in recorded if c[:2] == ["kind", "load"]]
+    # Never `kind load docker-image` (it reads from a Docker daemon); the archives podman wrote instead.
+    assert {c[2] for c in loads} == {"image-archive"}
+    assert sorted(c[3] for c in loads) == archives and all(c[-2:] == ["--name", "hub-test"] for c in loads)
+    install = next(c for c in recorded if c[0] == "helm" and "upgrade" in c)
+    # The nodes know the images by podman's name, localhost/...: the chart's repositories say so.
+    for component in ("gateway", "inference"):
+        assert f"{component}.image.repository=localhost/inferencehub-{component}" in install
+        assert f"{component}.image.tag={tag}" in install
+    # kind itself runs its nodes on podman.
+    providers = set((stubs / "state" / "kind-provider.txt").read_text().split())
+    assert providers == {"podman"}
+    assert_forward_stopped(stubs)
+    assert_no_temporary_files(stubs)  # the archives too
+
+
+def test_kind_experimental_provider_podman_builds_with_podman_and_loads_image_archives(stubs):
+    done = run(stubs, "kind", "up", KIND_EXPERIMENTAL_PROVIDER="podman")  # docker is there too: podman wins
+    assert done.returncode == 0, done.stderr
+    assert_bound_to(stubs, "kind-hub-test")
+    podman_install_checks(stubs, calls(stubs))
+
+
+def test_podman_is_used_when_there_is_no_docker(stubs):
+    (stubs / "bin" / "docker").unlink()
+    system = stubs / "system"
+    system.mkdir()
+    for tool in SYSTEM_TOOLS:
+        (system / tool).symlink_to(shutil.which(tool))
+    done = run(stubs, "kind", "up", PATH=f"{stubs / 'bin'}:{system}")
+    assert done.returncode == 0, done.stderr
+    podman_install_checks(stubs, calls(stubs))
+
+
+def test_an_unknown_provider_is_refused_before_anything_runs(stubs):
+    done = run(stubs, "kind", "up", KIND_EXPERIMENTAL_PROVIDER="nerdctl")
+    assert done.returncode == 1
+    assert "KIND_EXPERIMENTAL_PROVIDER=nerdctl: this script builds with docker or podman" in done.stderr
+    assert calls(stubs) == []
+    assert_no_temporary_files(stubs)
+
+
+@pytest.mark.parametrize(
+    ("shell", "said"),
+    [
+        # macOS's /bin/bash: run for real by bash with the version macOS's reports (BASH_VERSION is the one
+        # version variable a script can set; the guard reads it, so it reads what bash 3.2 would show).
+        ("bash 3.2", "this shell is bash 3.2.57(1)-release"),
+        ("bash 4.3", "this shell is bash 4.3.48(1)-release"),
+        ("sh", "this shell is not bash"),  # `sh scripts/k8s.sh ...`: dash, a real other shell
+    ],
+)
+def test_an_old_bash_or_another_shell_gets_a_clear_message(stubs, shell, said):
+    if shell == "sh":
+        command = [shutil.which("dash") or "sh", str(SCRIPT), "kind", "up"]
+    else:
+        version = {"bash 3.2": "3.2.57(1)-release", "bash 4.3": "4.3.48(1)-release"}[shell]
+        command = [BASH, "-c", f'BASH_VERSION="{version}"; . "$0" kind up', str(SCRIPT)]
+    done = subprocess.run(command, capture_output=True, text=True, env=environment(stubs), timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: scripts/k8s.sh needs bash 4.4 or newer; " + said), done.stderr
+    assert "brew install bash" in done.stderr
+    assert "syntax error" not in done.stderr and "Bad substitution" not in done.stderr
+    assert calls(stubs) == []  # nothing ran
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_to_the_script_stops_its_port_forward(stubs, sig):
+    # Only the script gets the signal (kill PID, a CI runner's timeout, a closed ssh session's shell), not the
+    # port-forward beside it: the script's trap must stop it. The gateway never gets ready, so the script is
+    # polling through the port-forward when the signal comes.
+    script = subprocess.Popen(
+        [BASH, str(SCRIPT), "kind", "up"],
+        env=environment(stubs, STUB_NOT_READY="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: (stubs / "state" / "port-forward.pid").exists(), timeout=30, what="the port-forward")
+        script.send_signal(sig)
+        assert script.wait(timeout=30) == 128 + sig
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)
+    assert_forward_stopped(stubs)
+    assert_no_temporary_files(stubs)
+
+
+@pytest.mark.parametrize(("version", "warned"), [("v0.20.0", True), ("v0.32.1", True), ("v0.33.0", False)])
+def test_a_kind_older_than_the_pinned_node_image_is_warned_about(stubs, version, warned):
+    done = run(stubs, "kind", "up", STUB_KIND_VERSION=f"kind {version} go1.25.1 linux/amd64")
+    assert done.returncode == 0, done.stderr
+    warning = f"warning: kind {version} is older than v0.33.0, whose node image k8s/kind-cluster.yaml pins"
+    assert (warning in done.stderr) == warned, done.stderr
+    # The release the script names is the one k8s/kind-cluster.yaml says its node image comes from.
+    assert "kind v0.33.0 lists in its release notes" in (ROOT / "k8s" / "kind-cluster.yaml").read_text()
 
 
 def test_minikube_uses_its_profile_as_the_context(stubs):
@@ -195,21 +339,15 @@ def test_a_failing_step_fails_the_script_and_stops_the_port_forward(stubs, step)
     done = run(stubs, "kind", "up", fail=step)
     assert done.returncode != 0
     assert_forward_stopped(stubs)
+    assert_no_temporary_files(stubs)
 
 
 def test_ctrl_c_stops_the_port_forward(stubs):
     # Ctrl-C signals the whole foreground process group; the backgrounded port-forward ignores SIGINT (as
     # background jobs of a script do), so only the script's EXIT trap can stop it.
-    environment = {
-        **os.environ,
-        "PATH": f"{stubs / 'bin'}:{os.environ['PATH']}",
-        "STUB_STATE": str(stubs / "state"),
-        "STUB_HANG": "/v2/models/iris/infer",
-        "STUB_GATEWAY_SERVICE": GATEWAY_SERVICE,
-    }
     script = subprocess.Popen(
-        ["bash", str(SCRIPT), "kind", "up"],
-        env=environment,
+        [BASH, str(SCRIPT), "kind", "up"],
+        env=environment(stubs, STUB_HANG="/v2/models/iris/infer"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -225,6 +363,7 @@ def test_ctrl_c_stops_the_port_forward(stubs):
         if script.poll() is None:
             script.kill()
     assert_forward_stopped(stubs)
+    assert_no_temporary_files(stubs)
 
 
 def test_a_failing_metrics_server_patch_is_an_error(stubs):

@@ -1,7 +1,8 @@
 """Mutual TLS between the gateway and the replicas, with real certificates made here (tests/pki.py): the replica
-refuses plaintext and foreign clients, serves probes on its plaintext health-only port, picks up new certificates
-without a restart; the gateway checks the replicas' names, serves every route over TLS, and keeps its load
-balancing and failure guarantees (the SIGKILL and SIGTERM drills of test_load_balancing.py, over TLS)."""
+refuses plaintext and foreign clients, serves only the gateway's identity (--tls-client-names) when the CA signs
+for others too, serves probes on its plaintext health-only port, picks up new certificates without a restart; the
+gateway checks the replicas' names, serves every route over TLS, and keeps its load balancing and failure
+guarantees (the SIGKILL and SIGTERM drills of test_load_balancing.py, over TLS)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl"
 IRIS = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [6.3, 3.3, 6.0, 2.5]}]}
 REPLICA = [sys.executable, "-m", "inferencehub.inference", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
 HOSTS = tuple(f"127.0.0.{i}" for i in range(1, 6))
+# The gateway's identity (a DNS SAN of its client certificate), the one the replicas here serve.
+GATEWAY_NAME = "inferencehub-gateway.demo.svc.cluster.local"
 
 
 class Pki:
@@ -37,8 +40,10 @@ class Pki:
         self.ca_file = self.ca.write(folder / "ca.crt")
         self.other_file = self.other.write(folder / "other-ca.crt")
         self.replica = self.ca.write_pair(folder, "replica", dns=(NAME.rstrip("."), "localhost"), ips=HOSTS)
-        self.gateway = self.ca.write_pair(folder, "gateway")
+        self.gateway = self.ca.write_pair(folder, "gateway", dns=(GATEWAY_NAME,))
         self.rogue = self.other.write_pair(folder, "rogue")
+        # Same CA, another workload: what a cluster-wide issuer signs for everyone.
+        self.neighbour = self.ca.write_pair(folder, "neighbour", dns=("batch-job.other.svc.cluster.local",))
 
     def replica_args(self, pair=None, ca=None) -> tuple[str, ...]:
         pair = pair or self.replica
@@ -49,6 +54,8 @@ class Pki:
             str(pair.key),
             "--tls-client-ca",
             str(ca or self.ca_file),
+            "--tls-client-names",
+            GATEWAY_NAME,
             "--health-port",
             "0",
         )
@@ -146,6 +153,71 @@ def test_a_tls_replica_refuses_plaintext_and_clients_without_a_certificate_from_
     assert refused(lambda: secure_health(target, pki.credentials(ca=pki.other_file))) == grpc.StatusCode.UNAVAILABLE
 
 
+def secure_call(target: str, credentials: grpc.ChannelCredentials, method: str, streaming: bool = False):
+    """A call with empty request bytes: health Check (unary) or Watch (a response stream)."""
+    with grpc.secure_channel(target, credentials) as channel:
+        if streaming:
+            return next(iter(channel.unary_stream(method)(b"", timeout=5)))
+        return channel.unary_unary(method)(b"", timeout=5)
+
+
+def denial(call) -> tuple[grpc.StatusCode, str] | None:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+    return None
+
+
+def test_a_replica_serves_only_the_gateways_identity(pki, tls_replica):
+    """A certificate the same CA signed for another workload completes the handshake, and is refused every
+    method with PERMISSION_DENIED and a message saying why; the gateway's identity is served."""
+    target = tls_replica.target
+    assert secure_health(target, pki.credentials(pki.gateway)) == "SERVING"
+    for method, streaming in [
+        ("/grpc.health.v1.Health/Check", False),
+        ("/grpc.health.v1.Health/Watch", True),
+        ("/inference.GRPCInferenceService/ServerLive", False),
+    ]:
+        code, details = denial(lambda m=method, s=streaming: secure_call(target, pki.credentials(pki.neighbour), m, s))
+        assert code == grpc.StatusCode.PERMISSION_DENIED, (method, code, details)
+        assert "--tls-client-names" in details and "batch-job.other.svc.cluster.local" in details, details
+    # Reflection and inference through grpcurl, as a person would try them with that certificate.
+    neighbour = ("-cacert", str(pki.ca_file), "-cert", str(pki.neighbour.cert), "-key", str(pki.neighbour.key))
+    for flags, args in (([], ["list"]), (["-d", "{}"], ["inference.GRPCInferenceService/ServerLive"])):
+        done = grpcurl(*neighbour, *flags, f"localhost:{tls_replica.port}", *args)
+        assert done.returncode != 0 and "PermissionDenied" in done.stderr, done.stderr
+    gateway = ("-cacert", str(pki.ca_file), "-cert", str(pki.gateway.cert), "-key", str(pki.gateway.key))
+    assert "inference.GRPCInferenceService" in grpcurl(*gateway, f"localhost:{tls_replica.port}", "list").stdout
+    # Probes are unaffected: the plaintext health-only port checks no identity.
+    assert health_status(tls_replica.health_target, "inference.GRPCInferenceService") == "SERVING"
+    wait_for(
+        lambda: "refused a client certificate naming batch-job.other.svc.cluster.local" in tls_replica.log,
+        timeout=10,
+        what="the replica to log the refusal",
+    )
+    assert tls_replica.log.count("refused a client certificate naming batch-job") == 1  # once, not per call
+
+
+def test_client_names_match_uris_and_the_common_name_only_without_sans(pki, tmp_path):
+    spiffe = "spiffe://cluster.local/ns/demo/sa/inferencehub-gateway"
+    repo = model_repository(tmp_path / "models", TEST_MODELS / "fast")
+    args = list(pki.replica_args())
+    args[args.index("--tls-client-names") + 1] = f" {spiffe} , legacy-gateway "
+    replica = TlsReplica("--models", str(repo), *args).wait_serving()
+    try:
+        by_uri = pki.ca.write_pair(tmp_path, "by-uri", uris=(spiffe,))
+        by_cn = pki.ca.write_pair(tmp_path, "legacy-gateway")  # no SAN: its CN is its identity
+        cn_and_other_san = pki.ca.write_pair(tmp_path, "legacy-gateway-2", dns=("batch-job.test",))
+        assert secure_health(replica.target, pki.credentials(by_uri)) == "SERVING"
+        assert secure_health(replica.target, pki.credentials(by_cn)) == "SERVING"
+        for pair in (pki.gateway, cn_and_other_san):  # SANs, when there are any, are the identity
+            code, _ = denial(lambda p=pair: secure_health(replica.target, pki.credentials(p)))
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        replica.stop()
+
+
 def test_the_health_only_port_is_plaintext_and_carries_nothing_else(tls_replica):
     for service in ("", "inference.GRPCInferenceService", "inferencehub.liveness", "iris"):
         assert health_status(tls_replica.health_target, service) == "SERVING"
@@ -199,11 +271,14 @@ def test_the_gateway_over_tls_serves_every_route(pki, tls_replica):
         gateway.stop()
 
 
-@pytest.mark.parametrize("who", ["no client certificate", "a certificate from another CA", "plaintext"])
+@pytest.mark.parametrize(
+    "who", ["no client certificate", "a certificate from another CA", "another identity from the CA", "plaintext"]
+)
 def test_a_gateway_without_the_right_certificate_gets_nothing(pki, tls_replica, who):
     args = {
         "no client certificate": ("--upstream-tls-ca", str(pki.ca_file)),
         "a certificate from another CA": pki.gateway_args(pki.rogue),
+        "another identity from the CA": pki.gateway_args(pki.neighbour),
         "plaintext": (),
     }[who]
     gateway = Gateway(f"localhost:{tls_replica.port}", "--retry-attempts", "1", "--deadline-seconds", "3", *args)
@@ -346,6 +421,7 @@ def _secure_ok(target: str, credentials) -> bool:
         ("a key that does not match", "do not load together"),
         ("a CA that is no PEM", "not a PEM file"),
         ("an encrypted key", "the key is encrypted; give an unencrypted PEM key"),
+        ("client names without TLS", "--tls-client-names needs mutual TLS"),
     ],
 )
 def test_bad_tls_settings_stop_start_up_with_a_clear_error(pki, tmp_path, which, words):
@@ -357,6 +433,7 @@ def test_bad_tls_settings_stop_start_up_with_a_clear_error(pki, tmp_path, which,
         "a key that does not match": [*pki.replica_args()[:6]],
         "a CA that is no PEM": [*pki.replica_args()[:5], str(junk)],
         "an encrypted key": [*pki.replica_args()[:6]],
+        "client names without TLS": ["--tls-client-names", GATEWAY_NAME],
     }[which]
     if which == "a key that does not match":
         args[3] = str(other.key)

@@ -84,10 +84,16 @@ class InferenceSettings:
     log_level: str = setting("info", "debug, info, warning or error")
     listen_file: Path | None = setting(None, "once listening, write the addresses there as JSON (for supervisors)")
     # Mutual TLS (all three together): then the gRPC port refuses plaintext and clients without a certificate
-    # from --tls-client-ca. The files are re-read when they change (new connections use the new ones).
+    # from --tls-client-ca, and serves only the identities in --tls-client-names when it is set. The files are
+    # re-read when they change (new connections use the new ones).
     tls_cert: Path | None = setting(None, "PEM certificate chain of this replica (turns mutual TLS on)")
     tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
     tls_client_ca: Path | None = setting(None, "PEM CA bundle; only clients with a certificate it signed may call")
+    tls_client_names: str = setting(
+        "",
+        "comma-separated identities a client certificate must carry to call (a subject alternative name: DNS name, "
+        "URI or IP; the subject CN when it has none); others get PERMISSION_DENIED (empty: any the CA signed)",
+    )
     health_port: int = setting(-1, "plaintext gRPC port serving only grpc.health.v1, for probes (-1: none, 0: any)")
 
 

@@ -9,6 +9,13 @@ the certificate they started with until they close (``--max-connection-age-secon
 that does not load (a key that does not match the certificate, a half-written file) is logged and the previous
 set is kept.
 
+Who may call: a certificate the client CA signed is not enough when that CA signs for more than the gateway (a
+cluster-wide issuer signs every workload's certificate). ``--tls-client-names`` lists the identities the replica
+serves: a call whose client certificate carries none of them gets PERMISSION_DENIED (see ``ClientNames``). A
+certificate's identities are its subject alternative names (DNS names, URIs such as SPIFFE ids, IP addresses), or
+its subject's common name when it has none. Empty: any certificate the CA signed (the check TLS itself makes). The
+plaintext health-only port carries only grpc.health.v1, for probes, and checks no identity.
+
 Gateway (client): ``--upstream-tls-ca`` (the CA that signed the replicas' certificates), and
 ``--upstream-tls-cert`` / ``--upstream-tls-key`` (the gateway's own certificate, which the replicas ask for).
 gRPC checks that the replica's certificate carries the target's host name (for ``dns:///name:port``, ``name``:
@@ -19,8 +26,10 @@ moves to a new channel when they change (see ``Upstream``).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import ssl
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +121,86 @@ def server_credentials(settings, interval: float = 1.0) -> grpc.ServerCredential
         return configuration(pem)
 
     return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True)
+
+
+def client_names(settings) -> frozenset[str]:
+    """The identities ``--tls-client-names`` allows (empty: any certificate the client CA signed)."""
+    names = frozenset(name.strip() for name in settings.tls_client_names.split(",") if name.strip())
+    if names and not server_enabled(settings):
+        raise TlsError("--tls-client-names needs mutual TLS: give --tls-cert, --tls-key and --tls-client-ca too")
+    return names
+
+
+def identities(auth_context: Mapping[str, Iterable[bytes]]) -> list[str]:
+    """A TLS peer's identities from gRPC's auth context: the certificate's subject alternative names (DNS, URI and
+    IP entries alike), or its subject's common name when it has none, as host name checks do."""
+    sans = [value.decode(errors="replace") for value in auth_context.get("x509_subject_alternative_name", ())]
+    return sans or [value.decode(errors="replace") for value in auth_context.get("x509_common_name", ())]
+
+
+class ClientNames(grpc.aio.ServerInterceptor):
+    """Serves a call only when the client certificate carries one of ``names``; PERMISSION_DENIED otherwise.
+
+    grpc's server credentials check that the CA signed the certificate, not whose it is, and the interceptor
+    cannot see the certificate before the handler runs: it wraps each method's handler, which reads the call's
+    auth context first. Every method on the port is covered: inference, health and reflection alike."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self.names = names
+        self.refused: set[tuple[str, ...]] = set()  # identities already logged (a refused caller usually retries)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # an unknown method: UNIMPLEMENTED, as without the check
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._unary(handler.unary_unary))
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=self._unary(handler.stream_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._streaming(handler.unary_stream))
+        return handler._replace(stream_stream=self._streaming(handler.stream_stream))
+
+    async def check(self, context) -> None:
+        presented = identities(context.auth_context())
+        if not self.names.isdisjoint(presented):
+            return
+        key = tuple(presented)
+        if key not in self.refused and len(self.refused) < 1000:
+            self.refused.add(key)
+            log.warning(
+                "refused a client certificate naming %s: --tls-client-names allows only %s",
+                ", ".join(presented) or "nothing",
+                ", ".join(sorted(self.names)),
+            )
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "this replica serves only the identities in its --tls-client-names; the client certificate names "
+            + (", ".join(presented) or "nothing"),
+        )
+
+    def _unary(self, behavior):
+        async def checked(request, context):
+            await self.check(context)
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        return checked
+
+    def _streaming(self, behavior):
+        async def checked(request, context):
+            await self.check(context)
+            result = behavior(request, context)
+            if hasattr(result, "__aiter__"):
+                async for response in result:
+                    yield response
+            elif inspect.isawaitable(result):
+                await result  # a handler that writes with context.write()
+            else:
+                for response in result:
+                    yield response
+
+        return checked
 
 
 # --- the gateway's side -------------------------------------------------------------------------

@@ -27,6 +27,12 @@ Service, and localhost (grpcurl through kubectl port-forward). */}}
 - localhost
 {{- end -}}
 
+{{/* The gateway's identity: a DNS name its client certificate carries (the chart's Certificate asks for it), the
+one the replicas serve (INFERENCEHUB_TLS_CLIENT_NAMES, with tls.extraClientNames). */}}
+{{- define "inferencehub.gatewayTlsName" -}}
+{{- default (printf "%s-gateway.%s.svc.%s" (include "inferencehub.fullname" .) .Release.Namespace .Values.clusterDomain) .Values.tls.gatewayName -}}
+{{- end -}}
+
 {{/* The port the inference probes use: the plaintext health-only port with TLS on, else the gRPC port. */}}
 {{- define "inferencehub.probePort" -}}
 {{- if .Values.tls.enabled }}{{ .Values.tls.healthPort }}{{ else }}{{ .Values.inference.port }}{{ end -}}
@@ -42,6 +48,8 @@ Service, and localhost (grpcurl through kubectl port-forward). */}}
   value: {{ include "inferencehub.tlsDir" . }}/tls.key
 - name: INFERENCEHUB_TLS_CLIENT_CA
   value: {{ include "inferencehub.tlsDir" . }}/ca.crt
+- name: INFERENCEHUB_TLS_CLIENT_NAMES
+  value: {{ prepend .Values.tls.extraClientNames (include "inferencehub.gatewayTlsName" .) | join "," | quote }}
 - name: INFERENCEHUB_HEALTH_PORT
   value: {{ .Values.tls.healthPort | int | quote }}
 {{- end }}

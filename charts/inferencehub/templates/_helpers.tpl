@@ -116,11 +116,24 @@ dns:///{{ include "inferencehub.headlessName" . }}.{{ .Release.Namespace }}.svc.
 {{ include "inferencehub.fullname" . }}-inference-client: "true"
 {{- end -}}
 
+{{/*
+The pod security context of every pod the chart makes (it takes the root context, so any template can use it).
+Always runAsNonRoot; the ids are the images' (10001) unless securityContext.platformAssignsIds leaves all of them
+to the platform (OpenShift's restricted SCC assigns each namespace's uid and gid, and rejects pods naming others),
+or a null runAsUser or runAsGroup leaves out that one (fsGroup follows runAsGroup).
+*/}}
 {{- define "inferencehub.podSecurityContext" -}}
+{{- $sc := .Values.securityContext -}}
 runAsNonRoot: true
-runAsUser: {{ .Values.securityContext.runAsUser }}
-runAsGroup: {{ .Values.securityContext.runAsGroup }}
-fsGroup: {{ .Values.securityContext.runAsGroup }}
+{{- if not $sc.platformAssignsIds }}
+{{- with $sc.runAsUser }}
+runAsUser: {{ . }}
+{{- end }}
+{{- with $sc.runAsGroup }}
+runAsGroup: {{ . }}
+fsGroup: {{ . }}
+{{- end }}
+{{- end }}
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}

@@ -134,6 +134,7 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     """Listen and report NOT_SERVING; the caller then awaits ``load()``."""
     secure = tls.server_enabled(settings)
     credentials = tls.server_credentials(settings) if secure else None  # bad TLS files stop start-up here
+    client_names = tls.client_names(settings)
     tracer = tracing.setup("inferencehub-inference", settings.otlp_endpoint)  # a bad configuration stops us here
     configs = load_repository(settings.models or SHIPPED_MODELS)
     processes = settings.processes or cpu_count()
@@ -142,7 +143,9 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     engine = Engine(configs, workers, metrics)
 
     server = grpc.aio.server(
-        options=server_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None
+        options=server_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
+        interceptors=[tls.ClientNames(client_names)] if client_names else None,
     )
     address = f"{settings.host}:{settings.port}"
     try:
@@ -199,6 +202,14 @@ async def start(settings: InferenceSettings) -> InferenceServer:
             replica,
             "mutual TLS only" if secure else "plaintext",
             f"{settings.host}:{instance.health_port}" if instance.health_port is not None else "none",
+        )
+    if secure:
+        log.info(
+            "replica %s serves clients whose certificate %s",
+            replica,
+            f"names one of: {', '.join(sorted(client_names))}"
+            if client_names
+            else "the client CA signed, whatever its name (--tls-client-names narrows it)",
         )
     addresses = {"grpc": f"{settings.host}:{port}", "metrics": f"{settings.host}:{metrics_port}"}
     if instance.health_port is not None:

@@ -152,13 +152,24 @@ def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
 
 
 def deadline(request: web.Request) -> float:
-    default = request.app[SETTINGS].deadline_seconds
+    """The call's deadline in seconds: the client's ``X-InferenceHub-Deadline-Ms``, else the gateway's default.
+
+    A deadline above ``max_deadline_seconds`` is refused, never shortened silently: the replicas keep aged
+    connections open that long (their own ``max_deadline_seconds``), so a longer call could be cut mid-run.
+    """
+    settings = request.app[SETTINGS]
     asked = request.headers.get(DEADLINE_HEADER)
     if asked is None:
-        return default
+        return settings.deadline_seconds
     if not DEADLINE_PATTERN.match(asked) or int(asked) == 0:
         raise InvalidInput(f"{DEADLINE_HEADER} must be a positive whole number of milliseconds (ASCII digits)")
-    return min(default, int(asked) / 1000)
+    seconds = int(asked) / 1000
+    if seconds > settings.max_deadline_seconds:
+        raise InvalidInput(
+            f"{DEADLINE_HEADER} is {asked} ms, above the longest deadline this gateway allows: "
+            f"{settings.max_deadline_seconds * 1000:.0f} ms (--max-deadline-seconds)"
+        )
+    return seconds
 
 
 async def call(request: web.Request, method: str, message):
@@ -277,12 +288,11 @@ async def infer(request: web.Request) -> web.Response:
     tracer = request.app[TRACING]
     with tracing.NULL if tracer is None else tracer.span("parse"):
         message, plan = rest.parse_infer_request(body, header_length, name, version)
+    timeout = deadline(request)  # checked for jobs too: a deadline header is refused the same way on both paths
     wait = jobs.async_preference(request)
     if wait is not None:
         return await jobs.submit(request, message, plan, wait)
-    response, replica = await request.app[COALESCER].infer(
-        message, request_id=logs.request_id.get(), timeout=deadline(request)
-    )
+    response, replica = await request.app[COALESCER].infer(message, request_id=logs.request_id.get(), timeout=timeout)
     payload, headers = rest.render_infer_response(response, plan)
     headers[REPLICA_KEY] = replica
     return web.Response(body=payload, headers=headers)
@@ -342,7 +352,19 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         app[TRACING].shutdown()
 
 
+def check_settings(settings: GatewaySettings) -> None:
+    """Settings that contradict each other stop start-up with a message naming them."""
+    if not 0 < settings.deadline_seconds <= settings.max_deadline_seconds:
+        raise StartupError(
+            f"--deadline-seconds ({settings.deadline_seconds:g}) must be positive and at most "
+            f"--max-deadline-seconds ({settings.max_deadline_seconds:g})"
+        )
+    if settings.max_decoding_bytes < 0:
+        raise StartupError(f"--max-decoding-bytes must be 0 (no limit) or positive, not {settings.max_decoding_bytes}")
+
+
 def create_app(settings: GatewaySettings) -> web.Application:
+    check_settings(settings)
     tracer = tracing.setup("inferencehub-gateway", settings.otlp_endpoint)
     middlewares = [observe, errors] if tracer is None else [traced_requests(tracer), observe, errors]
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)

@@ -57,7 +57,12 @@ def _header(name: str, description: str, **constraints: Any) -> dict[str, Any]:
 
 UPSTREAM_HEADERS = [
     _header(REQUEST_ID_HEADER, "the request id to log on both hops (else a new one)", type="string"),
-    _header(DEADLINE_HEADER, "a deadline shorter than the gateway's", type="string", pattern="^[1-9][0-9]{0,8}$"),
+    _header(
+        DEADLINE_HEADER,
+        "the call's deadline in ms, up to the gateway's maximum (longer: 400)",
+        type="string",
+        pattern="^[1-9][0-9]{0,8}$",
+    ),
 ]
 UPSTREAM_ERRORS = (400, 503, 504)
 

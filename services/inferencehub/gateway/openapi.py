@@ -29,7 +29,7 @@ WHEN = {
     429: "the model's queue is full: retry after Retry-After seconds",
     500: "the model failed (its message), or an internal error",
     501: "the replica does not implement this",
-    503: "no replica available (Retry-After), or not ready",
+    503: "no replica, the one running the call went away, or the body budget is full (Retry-After); not ready",
     504: "the deadline passed",
 }
 

@@ -262,9 +262,7 @@ def test_per_replica_metric_labels_stay_bounded(tmp_path):
         for replica in replicas.values():
             replica.wait_serving()
         targets = ",".join(r.target for r in replicas.values())
-        gateway = Gateway(
-            f"ipv4:{targets}", "--replica-metrics-limit", "2", "--replica-metrics-seconds", "2", "--retry-attempts", "3"
-        )
+        gateway = Gateway(f"ipv4:{targets}", "--replica-metrics-limit", "2", "--replica-metrics-seconds", "2")
         wait_for(lambda: len(served_by(gateway, 6)) == 3, timeout=15, what="all three replicas to serve")
         served_by(gateway, 30)
         counts = replica_series(gateway)

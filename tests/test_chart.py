@@ -625,12 +625,21 @@ def test_name_overrides_are_kept_short_enough(args):
             "gateway: preStopSeconds + drainSeconds + graceSeconds (37 s) must be less than",
         ),
         (
-            ["--set", "gateway.deadlineSeconds=31"],
-            "gateway.graceSeconds (30 s) is shorter than gateway.deadlineSeconds (31 s)",
+            ["--set", "gateway.maxDeadlineSeconds=31"],
+            "gateway.graceSeconds (30 s) is shorter than gateway.maxDeadlineSeconds (31 s)",
         ),
         (
             ["--set", "inference.graceSeconds=20"],
-            "inference.graceSeconds (20 s) is shorter than gateway.deadlineSeconds (30 s)",
+            "inference.graceSeconds (20 s) is shorter than gateway.maxDeadlineSeconds (30 s)",
+        ),
+        (
+            ["--set", "gateway.deadlineSeconds=31"],
+            "gateway.deadlineSeconds (31 s) is longer than gateway.maxDeadlineSeconds (30 s)",
+        ),
+        (
+            ["--set", "inference.maxConnectionAgeGraceSeconds=10"],
+            "inference.maxConnectionAgeGraceSeconds (10 s) is shorter than gateway.maxDeadlineSeconds (30 s): "
+            "calls inside their deadline would be cut when their connection ages out",
         ),
         (
             ["--set", "inference.autoscaling.minReplicas=7"],
@@ -661,6 +670,27 @@ def test_the_defaults_sit_inside_the_invariants():
     # The boundaries themselves render: grace equal to the deadline, a budget leaving one pod to evict.
     helm("helm3", "template", RELEASE, str(CHART), "--set", "inference.pdb.minAvailable=1")
     helm("helm3", "template", RELEASE, str(CHART), "--set", "gateway.deadlineSeconds=30")
+    helm("helm3", "template", RELEASE, str(CHART), "--set", "inference.maxConnectionAgeGraceSeconds=30")
+
+
+def test_one_value_sets_the_longest_deadline_and_the_connection_age_grace():
+    """gateway.maxDeadlineSeconds reaches the gateway and the replicas; the replicas' grace follows it."""
+    longer = (
+        "gateway.maxDeadlineSeconds=120,gateway.graceSeconds=120,gateway.terminationGracePeriodSeconds=130,"
+        "inference.graceSeconds=120,inference.terminationGracePeriodSeconds=130"
+    )
+    cases = [([], 30, 30), (["--set", longer], 120, 120)]
+    cases.append((["--set", longer + ",inference.maxConnectionAgeGraceSeconds=150"], 120, 150))
+    for args, deadline, age_grace in cases:
+        objects = render(values=args)
+        gateway, inference = (container_env(one(objects, "Deployment", part)) for part in PARTS)
+        assert float(gateway["INFERENCEHUB_MAX_DEADLINE_SECONDS"]) == deadline
+        assert float(inference["INFERENCEHUB_MAX_DEADLINE_SECONDS"]) == deadline
+        assert float(inference["INFERENCEHUB_MAX_CONNECTION_AGE_GRACE_SECONDS"]) == age_grace
+
+
+def container_env(deployment: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
 def test_chart_declares_the_kubernetes_versions_it_is_validated_for():
@@ -703,12 +733,19 @@ def test_production_defaults(rendered):
     limit = gateway["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
     units = {"Mi": 2**20, "Gi": 2**30}
     assert int(limit[:-2]) * units[limit[-2:]] >= 8 * body
-    # The gateway's deadline fits inside both components' grace.
+    # Decoding is bounded well inside the memory limit, and still takes a maximal body.
+    decoding = int(env["INFERENCEHUB_MAX_DECODING_BYTES"])
+    assert body <= decoding and 8 * decoding <= int(limit[:-2]) * units[limit[-2:]]
+    # The longest deadline fits inside both components' grace, and inside the replicas' connection-age grace:
+    # neither a rollout nor connection ageing cuts a call inside its deadline.
     deadline = float(env["INFERENCEHUB_DEADLINE_SECONDS"])
+    longest = float(env["INFERENCEHUB_MAX_DEADLINE_SECONDS"])
+    assert deadline <= longest
     for component in PARTS:
-        container = one(objects, "Deployment", component)["spec"]["template"]["spec"]["containers"][0]
-        grace = next(float(e["value"]) for e in container["env"] if e["name"] == "INFERENCEHUB_GRACE_SECONDS")
-        assert deadline <= grace
+        assert longest <= float(container_env(one(objects, "Deployment", component))["INFERENCEHUB_GRACE_SECONDS"])
+    replica_env = container_env(one(objects, "Deployment", "inference"))
+    assert float(replica_env["INFERENCEHUB_MAX_DEADLINE_SECONDS"]) == longest
+    assert float(replica_env["INFERENCEHUB_MAX_CONNECTION_AGE_GRACE_SECONDS"]) >= longest
 
 
 # --- pod identities, and who the gateway's NetworkPolicy lets in --------------------------------------------

@@ -89,6 +89,15 @@ class Load:
         return self.statuses
 
 
+def check_drill(statuses: collections.Counter[int], sig: signal.Signals, threads: int = 8) -> None:
+    """A draining replica (SIGTERM) costs no request. A replica that dies or freezes fails the calls it was
+    running, each once, with a 503 (the gateway never replays a call a replica may have begun): at most one
+    per client thread; every other request succeeds."""
+    allowed = {200} if sig == signal.SIGTERM else {200, 503}
+    assert set(statuses) <= allowed and statuses[503] <= threads, f"{sig.name}: {statuses}"
+    assert statuses[200] > 50, f"{sig.name}: {statuses}"
+
+
 def served_by(gateway: Gateway, count: int) -> collections.Counter[str]:
     seen: collections.Counter[str] = collections.Counter()
     for _ in range(count):
@@ -99,7 +108,7 @@ def served_by(gateway: Gateway, count: int) -> collections.Counter[str]:
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_spread_discovery_and_failures_cost_nothing(tmp_path, dns, policy):
+def test_spread_discovery_and_failure_drills(tmp_path, dns, policy):
     records, dns_port = dns
     repo = model_repository(tmp_path, TEST_MODELS / "fast")
     args = (
@@ -107,8 +116,6 @@ def test_spread_discovery_and_failures_cost_nothing(tmp_path, dns, policy):
         str(repo),
         "--max-connection-age-seconds",
         "2",
-        "--max-connection-age-grace-seconds",
-        "5",
         "--drain-seconds",
         "1.5",
     )
@@ -137,15 +144,13 @@ def test_spread_discovery_and_failures_cost_nothing(tmp_path, dns, policy):
         wait_for(lambda: "r4" in served_by(gateway, 8), timeout=20, interval=0.2, what="r4 to serve")
         assert time.monotonic() - added < 20
 
-        # Failure drills under load: SIGKILL, SIGTERM, SIGSTOP. No client request may fail.
+        # Failure drills under load: SIGKILL, SIGTERM, SIGSTOP.
         for name, sig in (("r1", signal.SIGKILL), ("r2", signal.SIGTERM), ("r3", signal.SIGSTOP)):
             load = Load(gateway)
             time.sleep(1.0)
             replicas[name].proc.send_signal(sig)
             time.sleep(4.0)
-            statuses = load.stop()
-            assert set(statuses) == {200}, f"{name} {sig.name}: {statuses}"
-            assert statuses[200] > 50
+            check_drill(load.stop(), sig)
         assert replicas["r2"].proc.wait(10) == 0  # SIGTERM drained and exited cleanly
         assert served_by(gateway, 10) == {"r4": 10}
     finally:
@@ -257,9 +262,7 @@ def test_per_replica_metric_labels_stay_bounded(tmp_path):
         for replica in replicas.values():
             replica.wait_serving()
         targets = ",".join(r.target for r in replicas.values())
-        gateway = Gateway(
-            f"ipv4:{targets}", "--replica-metrics-limit", "2", "--replica-metrics-seconds", "2", "--retry-attempts", "3"
-        )
+        gateway = Gateway(f"ipv4:{targets}", "--replica-metrics-limit", "2", "--replica-metrics-seconds", "2")
         wait_for(lambda: len(served_by(gateway, 6)) == 3, timeout=15, what="all three replicas to serve")
         served_by(gateway, 30)
         counts = replica_series(gateway)

@@ -74,7 +74,12 @@ class InferenceSettings:
     drain_seconds: float = setting(1.0, "on SIGTERM, time between reporting NOT_SERVING and refusing new calls")
     grace_seconds: float = setting(10.0, "time in-flight calls get to finish after the drain")
     max_connection_age_seconds: float = setting(5.0, "connections are closed after this age so clients re-resolve")
-    max_connection_age_grace_seconds: float = setting(10.0, "time calls on an aged connection get to finish")
+    max_deadline_seconds: float = setting(
+        300.0, "longest deadline a call may have (the gateway's --max-deadline-seconds): ageing never cuts such a call"
+    )
+    max_connection_age_grace_seconds: float = setting(
+        0.0, "time calls on an aged connection get to finish (0: --max-deadline-seconds; less is refused at start)"
+    )
     otlp_endpoint: str = setting("", OTLP_HELP)
     event_loop: str = setting("uvloop", "event loop: uvloop, or asyncio (the standard library's)")
     nats_url: str = setting("", "NATS server(s) with JetStream to pull asynchronous jobs from (empty: none)", "--nats")
@@ -106,13 +111,20 @@ class GatewaySettings:
         "gRPC target of the inference replicas, e.g. dns:///inferencehub-inference-headless:8081 "
         "or ipv4:127.0.0.2:8081,127.0.0.3:8081",
     )
-    deadline_seconds: float = setting(30.0, "deadline of each upstream call (a client may ask for less)")
+    deadline_seconds: float = setting(30.0, "deadline of an upstream call whose client asks for none")
+    max_deadline_seconds: float = setting(
+        300.0,
+        "longest deadline a client may ask for with X-InferenceHub-Deadline-Ms (longer: 400); "
+        "the replicas' --max-deadline-seconds must be at least this",
+    )
     max_body_bytes: int = setting(64 * 1024 * 1024, "largest request body accepted (else 413)")
+    max_decoding_bytes: int = setting(
+        256 * 1024 * 1024, "request body bytes read and decoded at once across all requests; beyond, 503 (0: no limit)"
+    )
     max_message_bytes: int = setting(64 * 1024 * 1024, "largest gRPC message sent or received")
     header_timeout_seconds: float = setting(10.0, "a request's headers must arrive within this time (else 408)")
     body_timeout_seconds: float = setting(60.0, "a request's body must arrive within this time of its headers (408)")
     max_connections: int = setting(1000, "open client connections at most; beyond, new ones get 503")
-    retry_attempts: int = setting(3, "attempts per upstream call when a replica is UNAVAILABLE")
     keepalive_seconds: float = setting(2.0, "interval of HTTP/2 keepalive pings to each replica")
     keepalive_timeout_seconds: float = setting(1.0, "a replica that does not answer a ping in this time is dropped")
     dns_refresh_seconds: float = setting(1.0, "shortest time between DNS re-resolutions of the upstream name")

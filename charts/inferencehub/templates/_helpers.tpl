@@ -160,18 +160,31 @@ capabilities:
 {{- if $values.autoscaling.enabled -}}{{ $values.autoscaling.minReplicas }}{{- else -}}{{ $values.replicas }}{{- end -}}
 {{- end -}}
 
+{{/* How long calls on a replica's aged connection get to finish: the value, or else the longest deadline. */}}
+{{- define "inferencehub.connectionAgeGrace" -}}
+{{- $grace := .Values.inference.maxConnectionAgeGraceSeconds -}}
+{{- if kindIs "invalid" $grace -}}{{ .Values.gateway.maxDeadlineSeconds }}{{- else -}}{{ $grace }}{{- end -}}
+{{- end -}}
+
 {{/*
 Invariants the schema cannot express, checked at render time (helm install/upgrade/template fail with the message).
 */}}
 {{- define "inferencehub.validate" -}}
+{{- if gt (float64 .Values.gateway.deadlineSeconds) (float64 .Values.gateway.maxDeadlineSeconds) }}
+{{- fail (printf "gateway.deadlineSeconds (%v s) is longer than gateway.maxDeadlineSeconds (%v s), the longest deadline a call may have" .Values.gateway.deadlineSeconds .Values.gateway.maxDeadlineSeconds) }}
+{{- end }}
+{{- $ageGrace := include "inferencehub.connectionAgeGrace" . }}
+{{- if gt (float64 .Values.gateway.maxDeadlineSeconds) (float64 $ageGrace) }}
+{{- fail (printf "inference.maxConnectionAgeGraceSeconds (%v s) is shorter than gateway.maxDeadlineSeconds (%v s): calls inside their deadline would be cut when their connection ages out; leave it empty (= the longest deadline) or raise it" $ageGrace .Values.gateway.maxDeadlineSeconds) }}
+{{- end }}
 {{- range $component := list "gateway" "inference" }}
 {{- $v := index $.Values $component }}
 {{- $stop := addf $v.preStopSeconds $v.drainSeconds $v.graceSeconds }}
 {{- if ge (float64 $stop) (float64 $v.terminationGracePeriodSeconds) }}
 {{- fail (printf "%s: preStopSeconds + drainSeconds + graceSeconds (%v s) must be less than terminationGracePeriodSeconds (%v s), or pods are killed mid-drain" $component $stop $v.terminationGracePeriodSeconds) }}
 {{- end }}
-{{- if gt (float64 $.Values.gateway.deadlineSeconds) (float64 $v.graceSeconds) }}
-{{- fail (printf "%s.graceSeconds (%v s) is shorter than gateway.deadlineSeconds (%v s): calls still allowed to run would be cut on every rollout" $component $v.graceSeconds $.Values.gateway.deadlineSeconds) }}
+{{- if gt (float64 $.Values.gateway.maxDeadlineSeconds) (float64 $v.graceSeconds) }}
+{{- fail (printf "%s.graceSeconds (%v s) is shorter than gateway.maxDeadlineSeconds (%v s): calls still allowed to run would be cut on every rollout" $component $v.graceSeconds $.Values.gateway.maxDeadlineSeconds) }}
 {{- end }}
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
 {{- fail (printf "%s.autoscaling: minReplicas (%v) is greater than maxReplicas (%v)" $component $v.autoscaling.minReplicas $v.autoscaling.maxReplicas) }}

@@ -26,6 +26,7 @@ from inferencehub import logs, tracing
 from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.gateway import jobs, rest, statistics
 from inferencehub.gateway.auth import Access
+from inferencehub.gateway.body_budget import BodyBudget, read_body
 from inferencehub.gateway.coalescer import Coalescer, coalescer_for
 from inferencehub.gateway.connections import BodyTimeout, GatewayRunner, Limits
 from inferencehub.gateway.http_errors import error_response, upstream_error_response
@@ -66,6 +67,7 @@ REPLICAS = web.AppKey("replicas", ReplicaSet)
 TRAFFIC = web.AppKey("traffic", Traffic)
 TRACING = web.AppKey("tracing", object)  # a tracing.Tracing, or None when tracing is off
 COALESCER = web.AppKey("coalescer", Coalescer)
+BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
 
 
 class StartupError(InferenceHubError):
@@ -152,13 +154,24 @@ def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
 
 
 def deadline(request: web.Request) -> float:
-    default = request.app[SETTINGS].deadline_seconds
+    """The call's deadline in seconds: the client's ``X-InferenceHub-Deadline-Ms``, else the gateway's default.
+
+    A deadline above ``max_deadline_seconds`` is refused, never shortened silently: the replicas keep aged
+    connections open that long (their own ``max_deadline_seconds``), so a longer call could be cut mid-run.
+    """
+    settings = request.app[SETTINGS]
     asked = request.headers.get(DEADLINE_HEADER)
     if asked is None:
-        return default
+        return settings.deadline_seconds
     if not DEADLINE_PATTERN.match(asked) or int(asked) == 0:
         raise InvalidInput(f"{DEADLINE_HEADER} must be a positive whole number of milliseconds (ASCII digits)")
-    return min(default, int(asked) / 1000)
+    seconds = int(asked) / 1000
+    if seconds > settings.max_deadline_seconds:
+        raise InvalidInput(
+            f"{DEADLINE_HEADER} is {asked} ms, above the longest deadline this gateway allows: "
+            f"{settings.max_deadline_seconds * 1000:.0f} ms (--max-deadline-seconds)"
+        )
+    return seconds
 
 
 async def call(request: web.Request, method: str, message):
@@ -272,18 +285,23 @@ async def infer(request: web.Request) -> web.Response:
     encoding = request.headers.get("Content-Encoding", "identity").lower()
     if encoding != "identity":
         return error_response(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
-    body = await request.read()
-    header_length = rest.parse_header_length(request.headers.get(rest.HEADER_LENGTH), len(body))
-    tracer = request.app[TRACING]
-    with tracing.NULL if tracer is None else tracer.span("parse"):
-        message, plan = rest.parse_infer_request(body, header_length, name, version)
-    wait = jobs.async_preference(request)
-    if wait is not None:
-        return await jobs.submit(request, message, plan, wait)
-    response, replica = await request.app[COALESCER].infer(
-        message, request_id=logs.request_id.get(), timeout=deadline(request)
-    )
-    payload, headers = rest.render_infer_response(response, plan)
+    timeout = deadline(request)  # checked for jobs too: a deadline header is refused the same way on both paths
+    budget = request.app[BODY_BUDGET]
+    body, held = await read_body(request, budget, request.app[SETTINGS].max_body_bytes)
+    try:  # the body's bytes stay taken while it, its decoded form or its gRPC message is alive
+        header_length = rest.parse_header_length(request.headers.get(rest.HEADER_LENGTH), len(body))
+        tracer = request.app[TRACING]
+        with tracing.NULL if tracer is None else tracer.span("parse"):
+            message, plan = rest.parse_infer_request(body, header_length, name, version)
+        del body
+        wait = jobs.async_preference(request)
+        if wait is not None:
+            return await jobs.submit(request, message, plan, wait)
+        coalescer = request.app[COALESCER]
+        response, replica = await coalescer.infer(message, request_id=logs.request_id.get(), timeout=timeout)
+        payload, headers = rest.render_infer_response(response, plan)
+    finally:
+        budget.give_back(held)
     headers[REPLICA_KEY] = replica
     return web.Response(body=payload, headers=headers)
 
@@ -291,6 +309,12 @@ async def infer(request: web.Request) -> web.Response:
 async def expect(request: web.Request) -> web.Response | None:
     """The ``Expect`` header (answered before any middleware runs): 100-continue, or a JSON 417."""
     if request.headers.get("Expect", "").lower() == "100-continue":
+        budget, length = request.app[BODY_BUDGET], request.content_length
+        if length is not None and not budget.fits(length):  # refused before the client sends its body
+            refusal = budget.refusal(length)
+            response = error_response(503, refusal.text or "", _kept_headers(refusal))
+            response.force_close()
+            return response
         if request.version == HttpVersion11:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the answer proper has not started
@@ -342,13 +366,30 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         app[TRACING].shutdown()
 
 
+def check_settings(settings: GatewaySettings) -> None:
+    """Settings that contradict each other stop start-up with a message naming them."""
+    if not 0 < settings.deadline_seconds <= settings.max_deadline_seconds:
+        raise StartupError(
+            f"--deadline-seconds ({settings.deadline_seconds:g}) must be positive and at most "
+            f"--max-deadline-seconds ({settings.max_deadline_seconds:g})"
+        )
+    if settings.max_decoding_bytes and not settings.max_body_bytes <= settings.max_decoding_bytes:
+        raise StartupError(
+            f"--max-decoding-bytes ({settings.max_decoding_bytes}) must be 0 (no limit) or at least "
+            f"--max-body-bytes ({settings.max_body_bytes}): a body between the two could never be decoded"
+        )
+
+
 def create_app(settings: GatewaySettings) -> web.Application:
+    check_settings(settings)
     tracer = tracing.setup("inferencehub-gateway", settings.otlp_endpoint)
     middlewares = [observe, errors] if tracer is None else [traced_requests(tracer), observe, errors]
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[TRACING] = tracer
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics()
+    app[BODY_BUDGET] = BodyBudget(settings.max_decoding_bytes)
+    app[METRICS].decoding_bytes.set_function(lambda: app[BODY_BUDGET].in_use)
     app[STATE] = GatewayState()
     access = Access.from_settings(settings, app[METRICS].registry)
     if access is not None:  # API keys and rate limits: after observe (ids, metrics), before the routes

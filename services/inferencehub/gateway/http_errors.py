@@ -31,7 +31,11 @@ CALLER_DETAILS = {
     grpc.StatusCode.INTERNAL,
 }
 FIXED_MESSAGES = {
-    grpc.StatusCode.UNAVAILABLE: "no inference replica is available; retry later",
+    # Also what a replica dying mid-call looks like: the call is not replayed (it may have run), see upstream.py.
+    grpc.StatusCode.UNAVAILABLE: (
+        "no inference replica is available, or the one running the call went away (calls a replica may have "
+        "begun are never replayed); retry later"
+    ),
     grpc.StatusCode.CANCELLED: "the inference call was cancelled; retry later",
     grpc.StatusCode.DEADLINE_EXCEEDED: "the inference service did not answer within the deadline",
 }

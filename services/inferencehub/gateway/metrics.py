@@ -36,6 +36,12 @@ class GatewayMetrics:
             "Client connections open now (bounded by --max-connections).",
             registry=self.registry,
         )
+        self.decoding_bytes = Gauge(
+            "inferencehub_gateway_decoding_bytes",
+            "Request body bytes held now by requests being read, decoded or sent upstream "
+            "(bounded by --max-decoding-bytes).",
+            registry=self.registry,
+        )
         self.upstream_calls = Counter(
             "inferencehub_gateway_upstream_requests",
             "gRPC calls to the inference service by method, replica that served them and gRPC status code.",

@@ -29,7 +29,7 @@ WHEN = {
     429: "the model's queue is full: retry after Retry-After seconds",
     500: "the model failed (its message), or an internal error",
     501: "the replica does not implement this",
-    503: "no replica available (Retry-After), or not ready",
+    503: "no replica, the one running the call went away, or the body budget is full (Retry-After); not ready",
     504: "the deadline passed",
 }
 
@@ -57,7 +57,12 @@ def _header(name: str, description: str, **constraints: Any) -> dict[str, Any]:
 
 UPSTREAM_HEADERS = [
     _header(REQUEST_ID_HEADER, "the request id to log on both hops (else a new one)", type="string"),
-    _header(DEADLINE_HEADER, "a deadline shorter than the gateway's", type="string", pattern="^[1-9][0-9]{0,8}$"),
+    _header(
+        DEADLINE_HEADER,
+        "the call's deadline in ms, up to the gateway's maximum (longer: 400)",
+        type="string",
+        pattern="^[1-9][0-9]{0,8}$",
+    ),
 ]
 UPSTREAM_ERRORS = (400, 503, 504)
 

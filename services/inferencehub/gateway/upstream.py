@@ -5,7 +5,8 @@ Tuned for replicas behind a headless Service (or any multi-address target):
   ``weighted_round_robin``: each replica weighed by the ORCA load report in its responses' trailing
   metadata (``inferencehub.inference.load_report``), so a slow or busy replica gets less;
 - client health checking, so a replica that reports NOT_SERVING (draining) gets no new calls;
-- retries of UNAVAILABLE with backoff, so calls in flight on a replica that dies are replayed elsewhere;
+- no retry policy: a call a replica may have begun is never replayed (see ``service_config``); only gRPC's
+  transparent retries resend calls that no replica saw;
 - keepalive pings with a short ack timeout, so a frozen replica is dropped in seconds;
 - frequent DNS re-resolution, so new replicas get traffic soon after they appear;
 - message size limits matching the replicas', and a deadline on every call;
@@ -64,19 +65,20 @@ def balancing_config(settings: GatewaySettings) -> dict:
 
 
 def service_config(settings: GatewaySettings) -> dict:
-    method: dict = {"name": [{"service": SERVICE}]}
-    if settings.retry_attempts >= 2:
-        method["retryPolicy"] = {
-            "maxAttempts": min(settings.retry_attempts, 5),
-            "initialBackoff": "0.05s",
-            "maxBackoff": "1s",
-            "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
-        }
+    """The channel's service config: balancing, health checking, and deliberately no ``retryPolicy``.
+
+    A retry policy on UNAVAILABLE replays calls a replica had begun: the status a client sees when a replica
+    dies mid-call, or when a connection is cut under a running call, is UNAVAILABLE too, and gRPC cannot tell
+    it from a refusal. A replayed inference runs twice (a model is not idempotent in cost, and may not be in
+    effect). What remains is gRPC's transparent retry (gRFC A6), which needs no policy: a call is resent only
+    when no server application saw it (it never left the client, its stream was refused, or it came after
+    the GOAWAY a draining or aged-out replica sends). Health checking keeps new calls off replicas that report
+    NOT_SERVING, so a draining replica gets no calls to refuse. Everything else reaches the client once,
+    as one error (503 for UNAVAILABLE): retrying is the client's choice.
+    """
     return {
         "loadBalancingConfig": [balancing_config(settings)],
         "healthCheckConfig": {"serviceName": SERVICE},
-        "methodConfig": [method],
     }
 
 
@@ -85,8 +87,8 @@ def channel_options(settings: GatewaySettings) -> list[tuple[str, int | str]]:
     ack_ms = int(settings.keepalive_timeout_seconds * 1000)
     return [
         ("grpc.service_config", json.dumps(service_config(settings))),
-        ("grpc.enable_retries", 1),
-        # A call is replayed only if its request fits this buffer: make every allowed message fit.
+        ("grpc.enable_retries", 1),  # transparent retries (no retry policy: see service_config)
+        # A call is resent transparently only if its request fits this buffer: make every allowed message fit.
         ("grpc.per_rpc_retry_buffer_size", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", keepalive_ms),
         ("grpc.keepalive_timeout_ms", ack_ms),
@@ -128,7 +130,7 @@ class Upstream:
 
     async def _retire(self, old: grpc.aio.Channel) -> None:
         try:
-            await old.close(grace=self.settings.deadline_seconds)
+            await old.close(grace=self.settings.max_deadline_seconds)
         finally:
             self.retiring.pop(old, None)
 

@@ -46,13 +46,39 @@ class StartupError(InferenceHubError):
     """The server could not start (a port taken, a model that fails to load...)."""
 
 
+def connection_age_grace(settings: InferenceSettings) -> float:
+    """How long calls on an aged connection get to finish: at least the longest deadline a call may have.
+
+    When a connection reaches ``max_connection_age`` the server sends GOAWAY (no new calls on it) and closes it
+    once its calls end, or when the grace runs out, cutting what still runs. A call that began just before the
+    GOAWAY may run its whole deadline; a grace shorter than ``max_deadline_seconds`` cuts calls inside their
+    deadline, and the client sees UNAVAILABLE for work the replica did. So the grace defaults to
+    ``max_deadline_seconds`` (one value to set, never inconsistent), and a grace set explicitly below it is a
+    start-up error rather than a silent cut. A long grace costs nothing: an aged connection closes as soon as
+    its last call ends, and new calls go over a new connection at once.
+    """
+    if settings.max_deadline_seconds <= 0:
+        raise StartupError(f"--max-deadline-seconds must be positive, not {settings.max_deadline_seconds:g}")
+    grace = settings.max_connection_age_grace_seconds
+    if grace == 0:
+        return settings.max_deadline_seconds
+    if grace < settings.max_deadline_seconds:
+        raise StartupError(
+            f"--max-connection-age-grace-seconds ({grace:g}) is shorter than --max-deadline-seconds "
+            f"({settings.max_deadline_seconds:g}): calls inside their deadline would be cut when their connection "
+            "ages out; raise the grace, lower the longest deadline, or leave the grace at 0 (= the longest deadline)"
+        )
+    return grace
+
+
 def server_options(settings: InferenceSettings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        # Cycle connections so clients behind a headless Service re-resolve and find new replicas.
+        # Cycle connections so clients behind a headless Service re-resolve and find new replicas; calls on an
+        # aged connection finish within their deadline (see connection_age_grace).
         ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
-        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(connection_age_grace(settings) * 1000)),
         # Let clients ping (their ping timeout detects a frozen replica); never answer too_many_pings.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
@@ -132,6 +158,7 @@ def worker_pids(workers: Workers) -> list[int]:
 
 async def start(settings: InferenceSettings) -> InferenceServer:
     """Listen and report NOT_SERVING; the caller then awaits ``load()``."""
+    options = server_options(settings)  # inconsistent connection settings stop start-up here
     secure = tls.server_enabled(settings)
     credentials = tls.server_credentials(settings) if secure else None  # bad TLS files stop start-up here
     client_names = tls.client_names(settings)
@@ -143,7 +170,7 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     engine = Engine(configs, workers, metrics)
 
     server = grpc.aio.server(
-        options=server_options(settings),
+        options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         interceptors=[tls.ClientNames(client_names)] if client_names else None,
     )

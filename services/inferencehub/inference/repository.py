@@ -5,7 +5,9 @@
       iris/weights.npz
 
 Every config is validated at start-up; a bad one stops the server with an error
-naming the file and the field (``ConfigError``).
+naming the file and the field (``ConfigError``). Runtimes that read a model's tensors from
+its file (``onnx``, ``sklearn``) let the config leave ``inputs`` and ``outputs`` out, and
+check the declared ones against the model.
 """
 
 from __future__ import annotations

@@ -18,8 +18,11 @@ import joblib
 import numpy as np
 import onnxruntime
 import pytest
+from onnx import TensorProto, helper
 from sklearn.ensemble import RandomForestClassifier
+from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.pipeline import make_pipeline
 from test_grpcurl_and_metrics import sample_value, scrape
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
@@ -80,6 +83,29 @@ def repo(built, tmp_path_factory) -> Path:
         repo, "petal-width", extra / "regressor.joblib", runtime="sklearn", parameters={"model": "regressor.joblib"}
     )
     variant(repo, "species", extra / "named.joblib", runtime="sklearn", parameters={"model": "named.joblib"})
+    # Text in: a scikit-learn pipeline over strings, and an ONNX graph that upper-cases strings.
+    texts = ["long wide petals", "short narrow petals", "long narrow petals", "short wide petals"]
+    text_pipeline = make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(texts, ["a", "b", "a", "b"])
+    joblib.dump(text_pipeline, extra / "text.joblib")
+    variant(
+        repo,
+        "text-sklearn",
+        extra / "text.joblib",
+        runtime="sklearn",
+        inputs=[{"name": "text", "datatype": "BYTES", "shape": [-1]}],  # no n_features_in_: declared
+        parameters={"model": "text.joblib"},
+    )
+    upper = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("StringNormalizer", ["text"], ["upper"], case_change_action="UPPER", locale="C")],
+            "upper",
+            [helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])],
+            [helper.make_tensor_value_info("upper", TensorProto.STRING, ["n"])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    (extra / "upper.onnx").write_bytes(upper.SerializeToString())
+    variant(repo, "text-onnx", extra / "upper.onnx", runtime="onnx", parameters={"model": "upper.onnx"})
     # A model slow enough (a few ms a call) for concurrent requests to queue behind a running call and batch.
     forest = RandomForestClassifier(n_estimators=300, random_state=0).fit(x.astype(np.float64), species)
     joblib.dump(forest, extra / "forest.joblib")
@@ -117,7 +143,7 @@ def request(model: str, name: str, array: np.ndarray, outputs=()) -> pb.ModelInf
     message = pb.ModelInferRequest(model_name=model)
     if array.dtype == object:
         message.inputs.add(name=name, datatype="BYTES", shape=array.shape)
-        message.inputs[0].contents.bytes_contents.extend(array.tolist())
+        message.raw_input_contents.append(b"".join(len(item).to_bytes(4, "little") + item for item in array))
     else:
         datatype = {v: k for k, v in DTYPES.items()}[array.dtype.type]
         message.inputs.add(name=name, datatype=datatype, shape=array.shape)
@@ -228,6 +254,18 @@ def test_answers_equal_the_libraries_own(built, repo, stub):
     assert [s.decode() for s in got["predict"]] == named.predict(rows).tolist()
     assert (got["predict"].astype(str) == species).mean() > 0.95
     np.testing.assert_allclose(got["predict_proba"], named.predict_proba(rows), rtol=1e-9, atol=1e-12)
+
+
+def test_text_in_and_out(repo, stub):
+    texts = np.array([b"long wide petals", "h\u00e9llo".encode()], dtype=object)
+    got = infer(stub, "text-onnx", "text", texts)
+    session = onnxruntime.InferenceSession(str(repo / "text-onnx" / "upper.onnx"))
+    (expected,) = session.run(None, {"text": np.array(["long wide petals", "h\u00e9llo"], dtype=object)})
+    assert got["upper"].tolist() == [b"LONG WIDE PETALS", "H\u00e9LLO".encode()] == [e.encode() for e in expected]
+    pipeline = joblib.load(repo / "text-sklearn" / "text.joblib")
+    got = infer(stub, "text-sklearn", "text", texts)
+    assert [label.decode() for label in got["predict"]] == pipeline.predict(["long wide petals", "h\u00e9llo"]).tolist()
+    np.testing.assert_allclose(got["predict_proba"], pipeline.predict_proba(["long wide petals", "h\u00e9llo"]))
 
 
 def test_json_through_the_gateway(served, built):
@@ -381,6 +419,20 @@ def test_a_missing_library_is_a_config_error_naming_the_package(tmp_path, built,
         f"{source}: runtime: the '{runtime}' runtime needs the {package} package, which is not installed: "
         "pip install 'inferencehub[runtimes]'"
     )
+
+
+def test_a_replica_without_onnxruntime_says_what_to_install(tmp_path, built):
+    """The replica itself, with onnxruntime unimportable: exit code 2 and one line naming the package."""
+    source = variant(tmp_path, "iris-onnx", built / "iris-onnx" / "model.onnx", runtime="onnx") / "config.json"
+    args = ["inference", "--models", str(tmp_path), "--port", "0", "--metrics-port", "0", "--host", "127.0.0.1"]
+    code = f"import sys; sys.modules['onnxruntime'] = None; from inferencehub.cli import main; main({args!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert (
+        f"{source}: runtime: the 'onnx' runtime needs the onnxruntime package, which is not installed: "
+        "pip install 'inferencehub[runtimes]'" in done.stderr
+    )
+    assert "Traceback" not in done.stderr
 
 
 def test_a_replica_with_a_contradicting_config_does_not_start(tmp_path, built):

@@ -64,6 +64,7 @@ def repo(built, tmp_path_factory) -> Path:
         (repo / name).symlink_to(built / name)
     onnx_file, joblib_file = built / "iris-onnx" / "model.onnx", built / "iris-sklearn" / "model.joblib"
     variant(repo, "iris-sklearn-bare", joblib_file, runtime="sklearn")  # nothing declared: FP64 input "input"
+    variant(repo, "iris-onnx-process", onnx_file, runtime="onnx", execution="process")  # loaded in a worker
     variant(
         repo,
         "iris-onnx-batched",
@@ -124,7 +125,7 @@ def repo(built, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(repo):
-    replica = Replica("--models", str(repo), "--threads", "2").wait_serving()
+    replica = Replica("--models", str(repo), "--threads", "2", "--processes", "1").wait_serving()
     gateway = Gateway(f"ipv4:{replica.target}")
     try:
         yield replica, gateway
@@ -227,9 +228,10 @@ def test_answers_equal_the_libraries_own(built, repo, stub):
     x, species = iris()
     session = onnxruntime.InferenceSession(str(built / "iris-onnx" / "model.onnx"))
     label, probabilities = session.run(["label", "probabilities"], {"features": x})
-    got = infer(stub, "iris-onnx", "features", x)
-    np.testing.assert_array_equal(got["label"], label)
-    np.testing.assert_allclose(got["probabilities"], probabilities, rtol=1e-6, atol=1e-7)
+    for model in ("iris-onnx", "iris-onnx-process"):
+        got = infer(stub, model, "features", x)
+        np.testing.assert_array_equal(got["label"], label)
+        np.testing.assert_allclose(got["probabilities"], probabilities, rtol=1e-6, atol=1e-7)
 
     pipeline = joblib.load(built / "iris-sklearn" / "model.joblib")
     got = infer(stub, "iris-sklearn", "features", x)

@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test test-containers bench lint format proto install tools clean kind-up kind-demo kind-down minikube-up minikube-demo minikube-down
+.PHONY: run test test-containers bench lint format proto install tools models clean kind-up kind-demo kind-down minikube-up minikube-demo minikube-down
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,8 +13,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-run: $(STAMP)
-	$(VENV)/bin/inferencehub up
+# The example scikit-learn and ONNX models, trained and exported here (nothing downloaded, nothing committed),
+# beside links to the shipped models: the repository `make run` serves.
+MODELS := build/models/.built
+$(MODELS): $(STAMP) scripts/build_models.py data/iris.csv $(wildcard services/inferencehub/model_repository/*/config.json)
+	$(PY) scripts/build_models.py --out build/models --shipped
+	@touch $@
+
+models: $(MODELS)
+
+run: $(MODELS)
+	$(VENV)/bin/inferencehub up --models build/models
 
 test: lint tools
 	$(PY) -m pytest
@@ -42,7 +51,7 @@ proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build/models
 
 # The Kubernetes path on a local cluster (needs docker or podman, kubectl, helm, and kind or minikube).
 kind-up kind-demo kind-down minikube-up minikube-demo minikube-down:

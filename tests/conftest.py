@@ -46,6 +46,21 @@ def model_repository(tmp: Path, *folders: Path) -> Path:
     return tmp
 
 
+def build_example_models(out: Path) -> Path:
+    """The example scikit-learn and ONNX models, built into ``out`` by the project's script (a few seconds)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_models.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
 def health_status(target: str, service: str = "", timeout: float = 2.0) -> str:
     with grpc.insecure_channel(target) as channel:
         response = health_pb2_grpc.HealthStub(channel).Check(

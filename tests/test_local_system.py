@@ -17,7 +17,7 @@ import pytest
 
 from inferencehub.processes import Child, ChildError
 
-from conftest import SHIPPED, Gateway, Replica, model_repository, wait_for
+from conftest import SHIPPED, Gateway, Replica, build_example_models, model_repository, wait_for
 
 CLI = [sys.executable, "-m", "inferencehub"]
 
@@ -293,7 +293,14 @@ def test_readme_commands_work_as_written(tmp_path):
     from inferencehub.cli import build_parser
 
     root = Path(__file__).resolve().parent.parent
-    repo = model_repository(tmp_path, *sorted(SHIPPED.iterdir()), root / "examples" / "models" / "word-count")
+    built = build_example_models(tmp_path / "built")  # what `make run` serves: the shipped and the built models
+    repo = model_repository(
+        tmp_path / "repo",
+        *sorted(SHIPPED.iterdir()),
+        built / "iris-onnx",
+        built / "iris-sklearn",
+        root / "examples" / "models" / "word-count",
+    )
     up = Up(
         "--replicas",
         "2",

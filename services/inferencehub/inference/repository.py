@@ -5,13 +5,16 @@
       iris/weights.npz
 
 Every config is validated at start-up; a bad one stops the server with an error
-naming the file and the field (``ConfigError``).
+naming the file and the field (``ConfigError``). Runtimes that read a model's tensors from
+its file (``onnx``, ``sklearn``) let the config leave ``inputs`` and ``outputs`` out, and
+check the declared ones against the model.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +101,9 @@ def parse_config(raw: Any, source: Path) -> ModelConfig:
     if not isinstance(platform, str):
         raise fail("platform", "expected a string")
 
-    inputs, outputs = _tensors(raw, "inputs", fail), _tensors(raw, "outputs", fail)
-    batching = _batching(raw.get("batching"), inputs, outputs, fail)
+    # A runtime that reads the model's tensors from its file lets the config leave them out.
+    optional = runtime.describe is not None
+    inputs, outputs = _tensors(raw, "inputs", fail, optional), _tensors(raw, "outputs", fail, optional)
     config = ModelConfig(
         name=name,
         version=version,
@@ -111,15 +115,19 @@ def parse_config(raw: Any, source: Path) -> ModelConfig:
         execution=execution,
         directory=source.parent.resolve(),
         source=source,
-        batching=batching,
         scheduling=_scheduling(raw.get("scheduling"), fail),
     )
+    if runtime.describe is not None:
+        config = runtime.describe(config)  # inputs and outputs as the model file says them
+    config = replace(config, batching=_batching(raw.get("batching"), config.inputs, config.outputs, fail))
     runtime.resolve(config)  # validates the runtime's parameters
     return config
 
 
-def _tensors(raw: dict, key: str, fail) -> tuple[TensorSpec, ...]:
+def _tensors(raw: dict, key: str, fail, optional: bool = False) -> tuple[TensorSpec, ...]:
     items = raw.get(key)
+    if items is None and optional:
+        return ()
     if not isinstance(items, list) or not items:
         raise fail(key, "expected a non-empty list of tensors")
     specs: list[TensorSpec] = []

@@ -145,7 +145,7 @@ def test_nats_auth_is_on_by_default_with_a_generated_secret_each_user_reads_by_e
     assert secret["metadata"]["name"] == name
     passwords = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
     assert set(passwords) == {"gateway-password", "inference-password"}
-    assert all(len(p) == 32 and p.isalnum() for p in passwords.values())
+    assert all(len(p) == 32 and p.isalnum() and p[0].isalpha() for p in passwords.values())
     assert passwords["gateway-password"] != passwords["inference-password"]
     config = nats_config(objects)
     assert "authorization {" in config and "$GATEWAY_PASSWORD" in config and "$INFERENCE_PASSWORD" in config

@@ -176,6 +176,17 @@ def test_a_nats_server_restarted_empty_is_set_up_again_without_restarting_the_se
         before = submit(gateway, "steady", 1)
         assert before.status == 202, before
         assert_succeeded_once(gateway, {before.json()["id"]: 1.0})
+        # A consumer deleted under the running replica: its next fetch fails, and it creates the consumer again.
+        delete_consumer(first.url, "inferencehub-steady")
+        again = submit(gateway, "steady", 3)
+        assert again.status == 202, again
+        assert_succeeded_once(gateway, {again.json()["id"]: 3.0}, timeout=30)
+        # The job stream deleted under both (no reconnection to tell them): the gateway's next publish finds nothing
+        # answering, creates the stream again and publishes; the replica creates its consumer again.
+        delete_stream(first.url, "INFERENCEHUB_JOBS")
+        once_more = submit(gateway, "steady", 4)
+        assert once_more.status == 202, once_more
+        assert_succeeded_once(gateway, {once_more.json()["id"]: 4.0}, timeout=30)
         first.kill()
         # The same port, a new empty store: no stream, no bucket, no consumer.
         second = NatsServer(tmp_path / "store-2", "-p", str(first.port))
@@ -194,6 +205,24 @@ def test_a_nats_server_restarted_empty_is_set_up_again_without_restarting_the_se
         replica.stop()
         for server in servers:
             server.stop()
+
+
+def delete_consumer(url: str, name: str) -> None:
+    asyncio.run(_jetstream(url, lambda js: js.delete_consumer("INFERENCEHUB_JOBS", name)))
+
+
+def delete_stream(url: str, name: str) -> None:
+    asyncio.run(_jetstream(url, lambda js: js.delete_stream(name)))
+
+
+async def _jetstream(url: str, call) -> None:
+    import nats as nats_client
+
+    nc = await nats_client.connect(url)
+    try:
+        assert await call(nc.jetstream())
+    finally:
+        await nc.close()
 
 
 def stream_leader(url: str) -> str:

@@ -183,9 +183,10 @@ class JobQueue:
                 await asyncio.sleep(1.0)
 
     async def close(self) -> None:
-        for task in self.tasks:
+        tasks = [*self.tasks, *([self.layout] if self.layout is not None else [])]
+        for task in tasks:
             task.cancel()
-        for task in self.tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.nc is not None:

@@ -598,3 +598,12 @@ def test_notes_show_an_async_call():
     notes = done.stdout.split("NOTES:", 1)[1]
     assert f"nats://{NATS_SERVICE}.{NAMESPACE}.svc.cluster.local:4222" in notes
     assert "-H 'Prefer: respond-async'" in notes and "/v2/jobs/JOB_ID" in notes
+
+
+def test_lint_strict_with_the_queue_s_security_values():
+    for args in (
+        ["--set", "jobs.nats.tls.enabled=true", "--set", "jobs.nats.tls.secretName=nats-cert"],
+        ["--set", "networkPolicy.enabled=true", "--set", "jobs.nats.auth.existingSecret=mine"],
+        ["--set", "jobs.nats.auth.enabled=false"],
+    ):
+        helm("lint", "--strict", str(CHART), *args)

@@ -29,6 +29,7 @@ from test_chart import (
     helm,
     one,
     render,
+    without_random_passwords,
 )
 
 from conftest import wait_for
@@ -134,7 +135,7 @@ def test_lint_strict(version, values):
 
 @pytest.mark.parametrize("values", VALUE_SETS)
 def test_helm_3_and_4_render_the_same_objects(rendered, values):
-    assert render("helm4", VALUE_SETS[values]) == rendered[values]
+    assert without_random_passwords(render("helm4", VALUE_SETS[values])) == without_random_passwords(rendered[values])
 
 
 @pytest.mark.parametrize("kubernetes", KUBERNETES)
@@ -148,7 +149,9 @@ def test_every_object_passes_strict_schema_validation(rendered, values, kubernet
 
 def test_the_defaults_render_nothing_of_this(rendered):
     objects = render("helm3")
-    assert not by_kind(objects, "Certificate") and not by_kind(objects, "Secret")
+    assert not by_kind(objects, "Certificate")
+    # The only Secret by default is the job queue's NATS passwords (tests/test_chart_jobs.py).
+    assert [s["metadata"]["name"] for s in by_kind(objects, "Secret")] == [f"{RELEASE}-nats-auth"]
     for component in ("gateway", "inference"):
         env = env_of(container(objects, component))
         assert not [name for name in env if "TLS" in name or "API_KEYS" in name or "RATE" in name or "HEALTH" in name]
@@ -213,13 +216,18 @@ def test_tls_wiring_secrets_mounts_env_probes(rendered, values):
     assert "health" in open_ports and "grpc" not in open_ports
 
 
+def api_key_secrets(objects: list[dict]) -> list[dict]:
+    """The rendered Secrets but the job queue's NATS passwords."""
+    return [s for s in by_kind(objects, "Secret") if not s["metadata"]["name"].endswith("-nats-auth")]
+
+
 @pytest.mark.parametrize("values", ["keys", "keys-existing-secret", "all-on"])
 def test_api_key_wiring(rendered, values):
     objects = rendered[values]
     gateway = container(objects, "gateway")
     env = env_of(gateway)
     name, key = secret_behind(pod_spec(objects, "gateway"), gateway, env["INFERENCEHUB_API_KEYS_FILE"])
-    secrets = by_kind(objects, "Secret")
+    secrets = api_key_secrets(objects)
     if values == "keys-existing-secret":
         assert (name, key) == ("my-keys", "keys.txt") and not secrets
         assert "INFERENCEHUB_RATE_LIMIT" not in env
@@ -285,7 +293,7 @@ def test_wiring_with_tls_and_api_keys_on(rendered, tmp_path):
     ca = CA("the cluster's CA issuer")
     server_cert, server_key = ca.issue("inference", dns=tuple(server["dnsNames"]))
     client_cert, client_key = ca.issue(client["commonName"], dns=tuple(client["dnsNames"]))
-    (secret,) = by_kind(objects, "Secret")
+    (secret,) = api_key_secrets(objects)
     files = {
         server["secretName"]: {"tls.crt": server_cert, "tls.key": server_key, "ca.crt": ca.pem},
         client["secretName"]: {"tls.crt": client_cert, "tls.key": client_key, "ca.crt": ca.pem},

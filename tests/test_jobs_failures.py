@@ -1,6 +1,7 @@
 """Async jobs when things die: a replica SIGKILLed holding jobs, a job that kills every replica it reaches, a
-gateway killed right after its 202s, a replica stopped with SIGTERM, and one node of a 3-node JetStream cluster
-killed mid-run. Every accepted job succeeds, and no job is ever reported twice with different results."""
+gateway killed right after its 202s, a replica stopped with SIGTERM, one node of a 3-node JetStream cluster
+killed mid-run, and the NATS server killed and started again with an empty store. Every accepted job succeeds, and
+no job is ever reported twice with different results."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from conftest import (
 from conftest import (
     TEST_MODELS,
     Gateway,
+    NatsServer,
     Replica,
     model_repository,
     nats_cluster,
@@ -162,6 +164,65 @@ def test_sigterm_stops_pulling_and_finishes_held_jobs(nats, repo, tmp_path):
     finally:
         gateway.stop()
         replica.stop()
+
+
+def test_a_nats_server_restarted_empty_is_set_up_again_without_restarting_the_services(tmp_path, repo):
+    first = NatsServer(tmp_path / "store-1")
+    servers = [first]
+    replica = start_replica(repo, first.url, "replica")
+    gateway = start_gateway(f"ipv4:{replica.target}", first.url)
+    try:
+        wait_for(lambda: "jobs: pulling" in replica.log)
+        before = submit(gateway, "steady", 1)
+        assert before.status == 202, before
+        assert_succeeded_once(gateway, {before.json()["id"]: 1.0})
+        # A consumer deleted under the running replica: its next fetch fails, and it creates the consumer again.
+        delete_consumer(first.url, "inferencehub-steady")
+        again = submit(gateway, "steady", 3)
+        assert again.status == 202, again
+        assert_succeeded_once(gateway, {again.json()["id"]: 3.0}, timeout=30)
+        # The job stream deleted under both (no reconnection to tell them): the gateway's next publish finds nothing
+        # answering, creates the stream again and publishes; the replica creates its consumer again.
+        delete_stream(first.url, "INFERENCEHUB_JOBS")
+        once_more = submit(gateway, "steady", 4)
+        assert once_more.status == 202, once_more
+        assert_succeeded_once(gateway, {once_more.json()["id"]: 4.0}, timeout=30)
+        first.kill()
+        # The same port, a new empty store: no stream, no bucket, no consumer.
+        second = NatsServer(tmp_path / "store-2", "-p", str(first.port))
+        servers.append(second)
+        assert not list((tmp_path / "store-2").rglob("INFERENCEHUB_JOBS"))
+        # The services reconnect by themselves; the first job submitted afterwards succeeds.
+        wait_for(lambda: gateway.request("GET", f"/v2/jobs/{UNKNOWN_ID}").status == 404, 30, what="the queue again")
+        after = submit(gateway, "steady", 2)
+        assert after.status == 202, after
+        assert_succeeded_once(gateway, {after.json()["id"]: 2.0}, timeout=30)
+        assert "reconnected" in gateway.log and "reconnected" in replica.log
+        gateway.check_running()
+        replica.check_running()
+    finally:
+        gateway.stop()
+        replica.stop()
+        for server in servers:
+            server.stop()
+
+
+def delete_consumer(url: str, name: str) -> None:
+    asyncio.run(_jetstream(url, lambda js: js.delete_consumer("INFERENCEHUB_JOBS", name)))
+
+
+def delete_stream(url: str, name: str) -> None:
+    asyncio.run(_jetstream(url, lambda js: js.delete_stream(name)))
+
+
+async def _jetstream(url: str, call) -> None:
+    import nats as nats_client
+
+    nc = await nats_client.connect(url)
+    try:
+        assert await call(nc.jetstream())
+    finally:
+        await nc.close()
 
 
 def stream_leader(url: str) -> str:

@@ -57,6 +57,16 @@ class Up(Child):
             raise AssertionError(str(exc)) from None
 
 
+def nats_answer(url: str) -> bytes:
+    """What a NATS server answers a client that connects without credentials and pings."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        reader = conn.makefile("rb")
+        assert json.loads(reader.readline().split(b" ", 1)[1])["auth_required"] is True
+        conn.sendall(b'CONNECT {"verbose": false}\r\nPING\r\n')
+        return reader.read()  # the server closes the connection
+
+
 def test_up_runs_the_system_and_stops_cleanly():
     up = Up("--replicas", "3", "--port", "0", "--inference-port", "0", "--inference-metrics-port", "0")
     try:
@@ -92,6 +102,8 @@ def test_up_runs_the_system_and_stops_cleanly():
         assert finished.returncode == 1 and "409" in finished.stderr and "already succeeded" in finished.stderr
         unknown = cli("jobs", "get", "0" * 32, "--url", url)
         assert unknown.returncode == 1 and "404" in unknown.stderr and "Traceback" not in unknown.stderr
+        # The embedded NATS takes only the user made at start (its password reached the children by env).
+        assert nats_answer(up.addresses["nats"]).startswith(b"-ERR 'Authorization Violation'")
 
         assert up.terminate(60) == 0  # SIGTERM; the log is read to its end
         assert not [pid for pid in children if alive(pid)]

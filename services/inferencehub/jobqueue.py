@@ -11,7 +11,13 @@
   (``transition``), so a record moves queued -> running -> succeeded | failed | cancelled once, and a job
   delivered twice never gets two different results.
 
-The gateway creates (or updates) the stream and the bucket; replicas wait for them and create the consumers.
+The gateway creates (or updates) the stream and the bucket; replicas wait for them and create the consumers. Both
+do it again after reconnecting, and when a call finds them missing: a NATS server that comes back with an empty
+store (a lost volume, a fresh pod) is set up again without restarting anyone.
+
+Who may do what: a server with authorization gives the gateway and the replicas users of their own (the chart's
+``jobs-nats.yaml`` lists the subjects each may use, and why); the services connect with ``nats_user`` and
+``nats_password`` and, for TLS, verify the server's certificate against ``nats_tls_ca``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import logging
 import re
 import secrets
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -158,8 +165,21 @@ async def read(kv, job_id: str) -> JobRecord | None:
     return JobRecord.decode(entry.value)
 
 
-async def connect(url: str, name: str, logger: logging.Logger):
-    """A NATS connection that reconnects forever; connection problems are logged once per change."""
+async def connect(
+    url: str,
+    name: str,
+    logger: logging.Logger,
+    *,
+    user: str = "",
+    password: str = "",
+    tls_ca: str | None = None,
+    reconnected: Callable[[], None] | None = None,
+):
+    """A NATS connection that reconnects forever; connection problems are logged once per change.
+
+    ``user``/``password``: the credentials the server's authorization expects (none when empty). ``tls_ca``: a PEM
+    CA bundle to verify the server's certificate with (TLS to NATS on). ``reconnected`` is called after each
+    reconnection, so the caller can set up what a restarted server may have lost."""
     import nats
 
     async def on_error(exc: Exception) -> None:
@@ -174,7 +194,14 @@ async def connect(url: str, name: str, logger: logging.Logger):
 
     async def on_reconnect() -> None:
         logger.info("NATS at %s: reconnected", url)
+        if reconnected is not None:
+            reconnected()
 
+    options = {}
+    if user:
+        options.update(user=user, password=password)
+    if tls_ca:
+        options["tls"] = ssl.create_default_context(cafile=str(tls_ca))
     nc = await nats.connect(
         [server.strip() for server in url.split(",") if server.strip()],
         name=name,
@@ -187,6 +214,7 @@ async def connect(url: str, name: str, logger: logging.Logger):
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        **options,
     )
     connection.append(nc)
     return nc
@@ -231,6 +259,21 @@ async def ensure_layout(js, *, replicas: int, ttl_seconds: float, max_queue: int
         config.max_age = ttl_seconds
         config.num_replicas = replicas
         await js.update_stream(config)
+
+
+async def layout_missing(js) -> bool:
+    """True when the server answers that the stream or the bucket does not exist (a server restarted empty);
+    False when they exist, or the server cannot tell now (no leader, a timeout)."""
+    from nats.js.errors import NotFoundError
+
+    try:
+        await js.stream_info(STREAM)
+        await js.stream_info(f"KV_{BUCKET}")
+    except NotFoundError:
+        return True
+    except Exception:
+        return False
+    return False
 
 
 def now() -> float:

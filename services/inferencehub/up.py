@@ -118,6 +118,7 @@ class Member:
         self.exits: deque[float] = deque()
         self.restarts = 0
         self.restarting: asyncio.Task | None = None
+        self.deadline = 0.0  # the event loop's time by which its current start must be done
 
     def start(self) -> Child:
         self.child = self.spawn(self.addresses)
@@ -216,38 +217,41 @@ class System:
             if member.running:
                 member.child.proc.kill()
 
-    async def start(self, member: Member) -> None:
-        """Start ``member`` and wait until it is ready; StartFailed at once if it exits meanwhile."""
-        member.start()
-        await self.wait_ready(member)
-        if not member.addresses:
-            member.addresses = dict(member.child.addresses)  # where it comes back after a restart
+    async def start(self, *members: Member) -> None:
+        """Start ``members`` and wait until they are ready; StartFailed at once if one exits meanwhile.
 
-    async def wait_ready(self, member: Member) -> None:
+        All listen before any is asked for its health: a port problem shows before any connection is made."""
+        for member in members:
+            member.start()
+        await _all(*(self.wait_listening(m) for m in members))
+        await _all(*(wait_serving(m.child, m.deadline) for m in members if m.replica))
+        for member in members:
+            if not member.addresses:
+                member.addresses = dict(member.child.addresses)  # where it comes back after a restart
+
+    async def wait_listening(self, member: Member) -> None:
         child = member.child
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_TIMEOUT
+        member.deadline = loop.time() + START_TIMEOUT
         while True:
             try:
                 if child.poll_listening() is not None:
-                    break
+                    return
             except ChildError as exc:
                 await settle(child)
                 raise StartFailed(str(exc), child.tail(5)) from None
-            if loop.time() > deadline:
+            if loop.time() > member.deadline:
                 raise StartFailed(f"{child.name} did not start listening within {START_TIMEOUT:.0f}s", child.tail(5))
             await asyncio.sleep(POLL)
-        if member.replica:
-            await wait_serving(child, deadline)
 
     async def supervise(self) -> None:
         """Until a signal, the gateway's exit or a crash loop: restart the replicas and NATS when they exit."""
         while not self.stopping.is_set():
+            if self.failure is not None:  # a restart that failed for good (its child is down: not counted again)
+                raise self.failure
             for member in self.members:
                 if member.restarting is None and member.child is not None and not member.child.running:
                     self.exited(member)
-            if self.failure is not None:
-                raise self.failure
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), SUPERVISE_POLL)
 
@@ -416,7 +420,7 @@ async def run(settings: UpSettings) -> int:
                 return start_child(name, inference_command(*args, host=host, port=port, metrics_port=metrics))
 
             system.replicas.append(Member(name, spawn_replica, replica=True))
-        await _unless_stopping(_all(*(system.start(m) for m in system.replicas)), system.stopping)
+        await _unless_stopping(system.start(*system.replicas), system.stopping)
         upstream = "ipv4:" + ",".join(m.addresses["grpc"] for m in system.replicas)
         command = gateway_command(
             upstream, "--log-level", settings.log_level, *jobs, host="127.0.0.1", port=settings.port

@@ -75,6 +75,7 @@ def test_a_killed_replica_comes_back_on_its_address_while_the_gateway_serves_thr
     address = up.wait_up()
     before = up.announced()
     victim = before["pids"]["inference-1"]
+    assert re.search(rf"inference-1 +{before['inference-1']} .*/metrics\) +pid {victim}\n", up.log)  # the banner
     workers = descendants(victim)  # mock-heavy runs in model worker processes
     assert workers, "the shipped models include a process-executed one: the replica should have workers"
     up.snapshot()
@@ -104,7 +105,7 @@ def test_a_killed_replica_comes_back_on_its_address_while_the_gateway_serves_thr
     assert len(after_notice) > 20
     assert not [c for c in after_notice if c.status != 200], [c for c in after_notice if c.status != 200][:5]
     during = [c for c in after_notice if c.ended < back_at]
-    assert during and {c.replica for c in during} == {"inference-2"}  # the other one served meanwhile
+    assert sum(c.replica == "inference-2" for c in during) >= 5  # the other one served meanwhile
     # Calls in flight at the kill may fail, but only with a clear error from the gateway.
     early = [c for c in calls if c.status != 200]
     assert all(c.status in (503, 504) and '"error"' in c.body for c in early), early[:5]

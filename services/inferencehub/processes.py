@@ -54,8 +54,9 @@ class Child:
     """A server subprocess: its merged stdout/stderr kept (all of it, or the last ``keep`` lines) and
     optionally passed to ``echo`` line by line; where it listens read from its listen file.
 
-    ``tied``: the child ends when this process does (see ``inferencehub.lifeline``); start tied children from a
-    thread that lives as long as this process (the main thread), as the kernel ties them to that thread."""
+    ``tied``: the child ends when this process does (see ``inferencehub.lifeline``). Tied children start from
+    the main thread only: the kernel ties them to the thread that starts them, and a worker thread (such as
+    ``asyncio.to_thread``'s) may end long before this process does."""
 
     def __init__(
         self,
@@ -70,6 +71,8 @@ class Child:
     ) -> None:
         self.name = name
         self.command = command
+        if tied and threading.current_thread() is not threading.main_thread():
+            raise ChildError(f"{name}: start tied children from the main thread (the kernel ties them to a thread)")
         tie = {PARENT_PID_ENV: str(os.getpid())} if tied else {}
         self.lines: deque[str] = deque(maxlen=keep)
         self._echo = echo

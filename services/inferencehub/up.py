@@ -152,15 +152,15 @@ def tool_prefix() -> str:
         return f"{folder}/"
 
 
-def banner(gateway: str, replicas: list[tuple[str, str, str]], models: list[str], nats: str = "") -> str:
+def banner(gateway: str, replicas: list[tuple[str, str, str, int]], models: list[str], nats: str = "") -> str:
     lines = [
         "",
         f"InferenceHub is up: a gateway and {len(replicas)} inference replica(s), models: {', '.join(models)}",
         "",
         f"  gateway      http://{gateway}   (OIP REST; metrics http://{gateway}/metrics, docs /openapi.json)",
     ]
-    for name, target, metrics in replicas:
-        lines.append(f"  {name:<12} {target}   (gRPC; metrics http://{metrics}/metrics)")
+    for name, target, metrics, pid in replicas:
+        lines.append(f"  {name:<12} {target}   (gRPC; metrics http://{metrics}/metrics)   pid {pid}")
     if nats:
         lines.append(f"  {'job queue':<12} {nats}   (NATS JetStream: POST .../infer with 'Prefer: respond-async')")
     body = '{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [6.3, 3.3, 6.0, 2.5]}]}'
@@ -428,7 +428,7 @@ async def run(settings: UpSettings) -> int:
         system.gateway = Member("gateway", lambda _: start_child("gateway", command))
         await _unless_stopping(system.start(system.gateway), system.stopping)
         address = system.gateway.addresses["http"]
-        targets = [(m.name, m.addresses["grpc"], m.addresses["metrics"]) for m in system.replicas]
+        targets = [(m.name, m.addresses["grpc"], m.addresses["metrics"], m.child.pid) for m in system.replicas]
         print(banner(address, targets, models, nats_url), flush=True)
         system.announce(
             http=address,

@@ -410,4 +410,5 @@ async def serve(settings: GatewaySettings) -> None:
         log.info("closing the listener; in-flight requests have %.1fs to finish", settings.grace_seconds)
     finally:
         await runner.cleanup()
+        listener.close()  # already closed once its site has started and stopped; not if setup failed
     log.info("gateway stopped")

@@ -7,8 +7,13 @@ in subprocesses, as users run them, and tests speak to them over real sockets.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
+import re
+import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +41,51 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def _parents() -> dict[int, int]:
+    """Every process's parent, from /proc (Linux)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return found
+
+
+def children_of(pid: int) -> set[int]:
+    return {child for child, parent in _parents().items() if parent == pid}
+
+
+def descendants(pid: int) -> set[int]:
+    """Children, their children, and so on (a snapshot: take it before the parent dies)."""
+    parents = _parents()
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def start_time(pid: int) -> str:
+    """When the process started (in clock ticks since boot; "" if it is gone): with the pid, names one process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet collected by whoever adopted it, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def model_repository(tmp: Path, *folders: Path) -> Path:
@@ -273,3 +323,62 @@ JOB_FINAL = {"succeeded", "failed", "cancelled"}
 def job_queue_ready(gateway: Gateway) -> bool:
     """The gateway's job queue answers (an unknown job is 404, not 503)."""
     return gateway.request("GET", f"/v2/jobs/{JOB_UNKNOWN_ID}").status == 404
+
+
+CLI = [sys.executable, "-m", "inferencehub"]
+
+
+class Up(Child):
+    """``inferencehub up`` as a user runs it; its banner and its children's prefixed logs in one log. Where
+    everything listens, and the children's pids, come from its listen file (rewritten after each restart)."""
+
+    def __init__(self, *args: str) -> None:
+        super().__init__("up", [*CLI, "up", *args])
+        self.seen: dict[int, str] = {}  # every process seen under it, and when it started: finish() ends them
+
+    def wait_up(self, timeout: float = 90) -> str:
+        """The gateway's address, once up says everything is ready."""
+        try:
+            return self.wait_listening(timeout)["http"]
+        except ChildError as exc:
+            raise AssertionError(str(exc)) from None
+
+    def announced(self) -> dict:
+        return json.loads(self.listen_file.read_text())
+
+    def snapshot(self) -> set[int]:
+        """Every process under up now (its children and theirs)."""
+        found = descendants(self.pid)
+        self.seen.update({pid: started for pid in found if (started := start_time(pid))})
+        return found
+
+    def wait_line(self, text: str, timeout: float = 60) -> str:
+        """The first log line containing ``text`` (AssertionError if up exits or the time passes first)."""
+        try:
+            return self.wait_log(re.escape(text), timeout).string
+        except ChildError as exc:
+            raise AssertionError(str(exc)) from None
+
+    def finish(self) -> None:
+        """However the test went: SIGKILL up and anything of its that is still running, by pid."""
+        if self.running:
+            self.snapshot()
+        self.kill()
+        for pid, started in self.seen.items():
+            if alive(pid) and start_time(pid) == started:  # that process, not another that got its pid
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def start_up() -> Iterator:
+    """Start ``inferencehub up`` with the given arguments; whatever happens, nothing of it outlives the test."""
+    started: list[Up] = []
+
+    def start(*args: str) -> Up:
+        started.append(Up(*args))
+        return started[-1]
+
+    yield start
+    for up in started:
+        up.finish()

@@ -15,46 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inferencehub.processes import Child, ChildError
-
-from conftest import SHIPPED, Gateway, Replica, build_example_models, model_repository, wait_for
-
-CLI = [sys.executable, "-m", "inferencehub"]
-
-
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.add(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-class Up(Child):
-    """``inferencehub up`` as a user runs it; its banner and its children's prefixed logs in one log."""
-
-    def __init__(self, *args: str) -> None:
-        super().__init__("up", [*CLI, "up", *args])
-
-    def wait_up(self) -> str:
-        """The gateway's address, once up says everything is ready."""
-        try:
-            return self.wait_listening(90)["http"]
-        except ChildError as exc:
-            raise AssertionError(str(exc)) from None
+from conftest import (
+    CLI,
+    SHIPPED,
+    Gateway,
+    Replica,
+    Up,
+    alive,
+    build_example_models,
+    children_of,
+    model_repository,
+    wait_for,
+)
 
 
 def nats_answer(url: str) -> bytes:
@@ -146,6 +118,7 @@ def test_up_reports_a_taken_port_and_leaves_nothing_running():
 
 
 def test_up_reports_a_taken_gateway_port():
+    """The gateway dies at start: up says so at once (not after a start timeout) and stops the rest."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -168,7 +141,10 @@ def test_up_reports_a_taken_gateway_port():
             timeout=90,
         )
     assert done.returncode == 2
-    assert "gateway exited at start" in done.stderr and f"cannot listen for HTTP on 127.0.0.1:{port}" in done.stderr
+    error = done.stderr.rsplit("inferencehub up: error: ", 1)[1]
+    assert error.startswith("gateway exited at start (code 2); the end of its log:"), error
+    assert f"cannot listen for HTTP on 127.0.0.1:{port}" in error  # the gateway's own words, in up's error
+    assert "all stopped" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.fixture(scope="module")

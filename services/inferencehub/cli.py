@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inferencehub import __version__, eventloop, logs
+from inferencehub import __version__, eventloop, lifeline, logs
 from inferencehub.errors import InferenceHubError
 from inferencehub.settings import GatewaySettings, InferenceSettings, UpSettings, add_arguments, from_args
 
@@ -250,5 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    lifeline.tie_from_env()  # started by `inferencehub up`: end with it
     args = build_parser().parse_args(argv)
     sys.exit(args.run(args))

@@ -8,6 +8,9 @@ atomically, one JSON object naming its component, its pid and its addresses::
     {"component": "gateway", "pid": 4243, "http": "127.0.0.1:8080"}
 
 so nothing has to parse log text to find a port chosen by the system (``--port 0``).
+
+A child started with ``tied=True`` ends with this process, however it ends (``inferencehub.lifeline``). Waits
+here are bounded, and nothing blocks on a pipe that a child's own children may hold open.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from inferencehub.lifeline import PARENT_PID_ENV
+
 LISTEN_FILE_ENV = "INFERENCEHUB_LISTEN_FILE"
 
 
-def announce(path: Path | str | None, component: str, **addresses: str) -> None:
+def announce(path: Path | str | None, component: str, **addresses: object) -> None:
     """Write where this process listens to ``path`` (no-op without one); readers never see half a file."""
     if not path:
         return
@@ -47,7 +52,11 @@ class ChildError(RuntimeError):
 
 class Child:
     """A server subprocess: its merged stdout/stderr kept (all of it, or the last ``keep`` lines) and
-    optionally passed to ``echo`` line by line; where it listens read from its listen file."""
+    optionally passed to ``echo`` line by line; where it listens read from its listen file.
+
+    ``tied``: the child ends when this process does (see ``inferencehub.lifeline``). Tied children start from
+    the main thread only: the kernel ties them to the thread that starts them, and a worker thread (such as
+    ``asyncio.to_thread``'s) may end long before this process does."""
 
     def __init__(
         self,
@@ -58,9 +67,13 @@ class Child:
         echo: Callable[[str], None] | None = None,
         keep: int | None = None,
         new_session: bool = False,
+        tied: bool = False,
     ) -> None:
         self.name = name
         self.command = command
+        if tied and threading.current_thread() is not threading.main_thread():
+            raise ChildError(f"{name}: start tied children from the main thread (the kernel ties them to a thread)")
+        tie = {PARENT_PID_ENV: str(os.getpid())} if tied else {}
         self.lines: deque[str] = deque(maxlen=keep)
         self._echo = echo
         self._folder = tempfile.mkdtemp(prefix="inferencehub-")
@@ -72,7 +85,7 @@ class Child:
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
-            env={**os.environ, **(env or {}), LISTEN_FILE_ENV: str(self.listen_file)},
+            env={**os.environ, **(env or {}), LISTEN_FILE_ENV: str(self.listen_file), **tie},
             start_new_session=new_session,
         )
         self._reader = threading.Thread(target=self._read, name=f"log {name}", daemon=True)
@@ -80,12 +93,18 @@ class Child:
         self.addresses: dict[str, str] = {}
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.lines.append(line)
-            if self._echo is not None:
-                self._echo(line)
+        stdout = self.proc.stdout
+        assert stdout is not None
+        try:
+            for line in stdout:
+                line = line.rstrip("\n")
+                self.lines.append(line)
+                if self._echo is not None:
+                    self._echo(line)
+        finally:
+            # Closed here, by the one thread that reads it: closing it from another thread would wait for this
+            # read, which lasts as long as anyone holds the pipe open (a killed child's own children may).
+            stdout.close()
 
     @property
     def pid(self) -> int:
@@ -109,18 +128,30 @@ class Child:
             return None
         return {k: v for k, v in announced.items() if isinstance(v, str)}
 
+    def poll_listening(self) -> dict[str, str] | None:
+        """The child's addresses once it has announced them, else None; ChildError if it exited first.
+
+        Never blocks for long: callers with an event loop poll it."""
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            announced = self._announcement()
+            if announced is not None:
+                self.addresses = announced
+                return self.addresses
+        if not self.running:
+            raise ChildError(f"{self.name} exited at start ({describe_exit(self.proc.returncode)})")
+        return None
+
     def wait_listening(self, timeout: float = 120.0) -> dict[str, str]:
         """Wait for the child's announcement; return its addresses (``grpc``, ``metrics``, ``http``...)."""
         deadline = time.monotonic() + timeout
         while True:
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                announced = self._announcement()
-                if announced is not None:
-                    self.addresses = announced
-                    return self.addresses
-            if not self.running:
+            try:
+                addresses = self.poll_listening()
+            except ChildError as exc:
                 self._reader.join(2)
-                raise ChildError(f"{self.name} exited at start (code {self.proc.returncode}):\n{self.tail()}")
+                raise ChildError(f"{exc}:\n{self.tail()}") from None
+            if addresses is not None:
+                return addresses
             if time.monotonic() > deadline:
                 raise ChildError(f"{self.name} did not start listening within {timeout:.0f}s:\n{self.tail()}")
             time.sleep(0.02)
@@ -164,11 +195,19 @@ class Child:
             self.kill()
             return self.proc.returncode
 
-    def _cleanup(self) -> None:
-        self._reader.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+    @property
+    def log_complete(self) -> bool:
+        """Whether the whole log has been read (the pipe reached its end)."""
+        return not self._reader.is_alive()
+
+    def _cleanup(self, timeout: float = 5.0) -> None:
+        self._reader.join(timeout)  # the rest of its log; the reader closes the pipe
         shutil.rmtree(self._folder, ignore_errors=True)
+
+    def release(self) -> None:
+        """Forget an exited child without waiting for the rest of its log: its folder goes, its reader stays
+        (a daemon thread) until the pipe ends."""
+        self._cleanup(timeout=0)
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time the child has used so far (Linux)."""
@@ -185,10 +224,12 @@ class Child:
 class NatsChild(Child):
     """A nats-server: it announces its ports in a ports file of its own (``--ports_file_dir``)."""
 
-    def __init__(self, name: str, store: str, *args: str, port: int = 0, **kwargs) -> None:
+    def __init__(self, name: str, store: str, *args: str, port: int = 0, tied: bool = False, **kwargs) -> None:
         self._ports_dir = tempfile.mkdtemp(prefix="inferencehub-nats-ports-")
         command = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port or -1), "-sd", store]
-        super().__init__(name, [*command, "--ports_file_dir", self._ports_dir, *args], **kwargs)
+        if tied:  # not a Python program: tied by a launcher that then becomes it (same pid)
+            command = [sys.executable, "-m", "inferencehub.lifeline", *command]
+        super().__init__(name, [*command, "--ports_file_dir", self._ports_dir, *args], tied=tied, **kwargs)
 
     def _announcement(self) -> dict[str, str] | None:
         found = next(Path(self._ports_dir).glob(f"*_{self.proc.pid}.ports"), None)
@@ -197,9 +238,19 @@ class NatsChild(Child):
         url = json.loads(found.read_text())["nats"][0]
         return {"nats": url, "client": url.removeprefix("nats://")}
 
-    def _cleanup(self) -> None:
-        super()._cleanup()
+    def _cleanup(self, timeout: float = 5.0) -> None:
+        super()._cleanup(timeout)
         shutil.rmtree(self._ports_dir, ignore_errors=True)
+
+
+def describe_exit(code: int | None) -> str:
+    """``code 2``, ``killed by SIGKILL``: how a child ended, for people."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"code {code}"
 
 
 def nats_server_binary() -> str:

@@ -187,4 +187,12 @@ class UpSettings:
     )
     nats_port: int = setting(0, "the embedded NATS server's client port on 127.0.0.1 (0: any free port)")
     log_level: str = setting("info", "debug, info, warning or error")
-    listen_file: Path | None = setting(None, "once everything is ready, write the addresses there as JSON")
+    listen_file: Path | None = setting(
+        None, "once everything is ready (and again after each restart), write the addresses and pids there as JSON"
+    )
+    restart_limit: int = setting(
+        5,
+        "a replica (or the embedded NATS) that exits more often than this within --restart-window-seconds is "
+        "crash-looping: up stops everything and says why (each exit before that is restarted, with backoff)",
+    )
+    restart_window_seconds: float = setting(60.0, "the window over which --restart-limit counts exits")

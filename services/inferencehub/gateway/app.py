@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -402,6 +403,17 @@ def create_app(settings: GatewaySettings) -> web.Application:
     return app
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The bound, listening HTTP socket on the first address ``host`` resolves to; StartupError if it cannot be."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        return socket.create_server(address, family=family, backlog=128)
+    except OSError as exc:
+        raise StartupError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}") from None
+
+
 async def serve(settings: GatewaySettings) -> None:
     """Run until SIGTERM or SIGINT; then fail /readyz, drain, let in-flight requests finish, and stop."""
     app = create_app(settings)
@@ -411,17 +423,14 @@ async def serve(settings: GatewaySettings) -> None:
     def record(status: int) -> None:  # answers given before a request reaches the app
         metrics.requests.labels(UNPARSED, "", str(status)).inc()
 
+    listener = listen(settings.host, settings.port)  # before anything starts: a taken port leaves nothing to undo
     runner = GatewayRunner(
         app, limits, record, access_log=None, handle_signals=False, shutdown_timeout=settings.grace_seconds
     )
     metrics.connections.set_function(runner.open_connections)
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise StartupError(f"cannot listen for HTTP on {settings.host}:{settings.port}: {exc.strerror}") from None
+        await runner.setup()
+        await web.SockSite(runner, listener).start()
         port = runner.addresses[0][1]
         log.info(
             "gateway %s listening: http://%s:%d, upstream %s",
@@ -442,4 +451,5 @@ async def serve(settings: GatewaySettings) -> None:
         log.info("closing the listener; in-flight requests have %.1fs to finish", settings.grace_seconds)
     finally:
         await runner.cleanup()
+        listener.close()  # already closed once its site has started and stopped; not if setup failed
     log.info("gateway stopped")

@@ -6,7 +6,9 @@
   more than the call, and they run on the loop; a call that takes longer sends the model back to the pool;
 - ``execution: process`` models run in spawned worker processes, each of which loads
   its own copy of every process model, so CPU-bound Python never holds the
-  server's GIL and health checks keep answering while every worker is busy.
+  server's GIL and health checks keep answering while every worker is busy. A worker process ends with its
+  replica, however the replica ends (SIGKILL included: ``inferencehub.lifeline``); the pool starts them from the
+  event loop's thread, which lives as long as the replica.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
+from inferencehub import lifeline
 from inferencehub.errors import ModelNotReady
 from inferencehub.inference import runtimes
 from inferencehub.model import Model, ModelConfig
@@ -34,7 +37,8 @@ _worker_configs: dict[str, ModelConfig] = {}
 _worker_models: dict[str, Model] = {}
 
 
-def _init_worker(configs: list[ModelConfig]) -> None:
+def _init_worker(configs: list[ModelConfig], replica: int) -> None:
+    lifeline.tie_to_parent(replica)  # no orphaned workers when the replica is killed
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _worker_configs.update({c.name: c for c in configs})
 
@@ -98,7 +102,7 @@ class Workers:
             self.process_count,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.process_configs,),
+            initargs=(self.process_configs, os.getpid()),
         )
 
     async def start(self) -> None:

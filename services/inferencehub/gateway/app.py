@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import inferencehub
 from inferencehub import logs, tracing
 from inferencehub.errors import InferenceHubError, InvalidInput
-from inferencehub.gateway import jobs, rest, statistics
+from inferencehub.gateway import jobs, repository, rest, statistics
 from inferencehub.gateway.auth import Access
 from inferencehub.gateway.coalescer import Coalescer, coalescer_for
 from inferencehub.gateway.connections import BodyTimeout, GatewayRunner, Limits
@@ -248,6 +248,32 @@ async def model_statistics(request: web.Request) -> web.Response:
     return web.json_response(body, headers=headers)
 
 
+async def repository_index(request: web.Request) -> web.Response:
+    """Triton's repository index, merged over every replica (see ``gateway.repository``)."""
+    doc = repository.parse_body(await request.read(), repository.IndexRequest, "repository index")
+    if doc.repository_name:
+        return error_response(404, f"repository '{doc.repository_name}' not found: there is one (leave it out)")
+    return await repository.index(request.app[REPLICAS], doc.ready, deadline(request))
+
+
+async def repository_load(request: web.Request) -> web.Response:
+    """Load (or reload) a model on every replica; an admin action when API keys are on."""
+    name = request.match_info["model"]
+    action = f"load of model '{name}'"
+    doc = repository.parse_body(await request.read(), repository.LoadRequest, action)
+    message = repository.load_request(name, doc.parameters)
+    return await repository.fan_out(request.app[REPLICAS], "RepositoryModelLoad", message, deadline(request), action)
+
+
+async def repository_unload(request: web.Request) -> web.Response:
+    """Unload a model on every replica; an admin action when API keys are on."""
+    name = request.match_info["model"]
+    action = f"unload of model '{name}'"
+    repository.parse_body(await request.read(), repository.LoadRequest, action)  # Triton's unload_dependents: no-op
+    message = pb.RepositoryModelUnloadRequest(model_name=name)
+    return await repository.fan_out(request.app[REPLICAS], "RepositoryModelUnload", message, deadline(request), action)
+
+
 async def status_json(request: web.Request) -> web.Response:
     """The live status (README: "Live status"): replicas, the last minute's traffic, latency, errors."""
     replicas = request.app[REPLICAS]
@@ -313,6 +339,9 @@ def routes() -> list[web.RouteDef]:
         get("/v2/health/live", server_live),
         get("/v2/health/ready", server_ready),
         get("/v2/models/stats", model_statistics),  # before /v2/models/{model}
+        web.post("/v2/repository/index", repository_index, expect_handler=expect),
+        web.post("/v2/repository/models/{model}/load", repository_load, expect_handler=expect),
+        web.post("/v2/repository/models/{model}/unload", repository_unload, expect_handler=expect),
     ]
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         table += [

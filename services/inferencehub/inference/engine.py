@@ -5,14 +5,16 @@ The gRPC servicer only converts protobuf to numpy and back and delegates here.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import inspect
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from inferencehub.errors import InvalidInput, ModelError, ModelNotFound, ModelNotReady
+from inferencehub.errors import InvalidInput, ModelError, ModelLoadFailed, ModelNotFound, ModelNotReady
 from inferencehub.inference.metrics import InferenceMetrics
 from inferencehub.inference.scheduler import ModelScheduler
 from inferencehub.inference.statistics import ModelStats, Timing
@@ -44,6 +46,7 @@ class ServedModel:
     scheduler: ModelScheduler | None = None
     ready: bool = False
     stats: ModelStats | None = None  # Triton's statistics extension; set by the engine
+    retired: bool = False  # replaced or unloaded: takes no new call, finishes those it holds
 
     def input_spec(self, name: str, datatype: str, shape: tuple[int, ...]) -> TensorSpec:
         """The config's spec for an input, after checking the request's datatype and shape against it."""
@@ -82,30 +85,119 @@ class ServedModel:
 ASYNC_CONCURRENCY = 256  # default for models whose predict is a coroutine (they wait without a pool)
 
 
+# A model's state in the repository index (Triton's words).
+READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
+
+Listener = Callable[[str, "ServedModel | None"], Awaitable[None]]
+
+
 class Engine:
-    def __init__(self, configs: list[ModelConfig], workers: Workers, metrics: InferenceMetrics) -> None:
-        self.models = {c.name: ServedModel(c, stats=ModelStats(c.name, c.version)) for c in configs}
+    """The models being served, loaded and unloaded at start and at run time.
+
+    ``models`` holds only models that take traffic. Loading a model (or a new instance of a loaded one) builds
+    it fully first, then swaps it in with one dict assignment: calls already queued or running on the old
+    instance finish there (for up to ``drain_seconds``), new calls go to the new one. Unloading takes the model
+    out of ``models`` at once (new calls get NOT_FOUND naming it), lets the old instance finish its calls, then
+    closes its scheduler and drops every reference to the model, so its memory can be freed. Loads and unloads
+    of one model are serialised; other models are never touched.
+    """
+
+    def __init__(self, workers: Workers, metrics: InferenceMetrics, drain_seconds: float = 10.0) -> None:
+        self.models: dict[str, ServedModel] = {}
+        self.states: dict[str, tuple[str, str]] = {}  # models not READY: name -> (state, reason)
         self.workers = workers
         self.metrics = metrics
+        self.drain_seconds = drain_seconds
         self.state = State.LOADING
+        self.listener: Listener | None = None  # told of each model that starts or stops taking traffic
+        self._locks: dict[str, asyncio.Lock] = {}
 
     @property
     def ready(self) -> bool:
         return self.state is State.SERVING
 
-    async def load(self) -> None:
-        """Load every model (process models in every worker). Errors propagate: start-up fails."""
-        await self.workers.start()
-        for served in self.models.values():
-            served.model = await self.workers.load(served.config)
-            served.scheduler = ModelScheduler(
-                served.config, self._runner(served), self._concurrency(served), self.metrics, served.stats
-            )
-            served.ready = True
-            log.info(
-                "model %s (version %s, %s) loaded", served.config.name, served.config.version, served.config.runtime
-            )
+    async def load(self, configs: list[ModelConfig]) -> None:
+        """Start-up: load every model given (process models in every worker). Errors propagate: start-up fails."""
+        await self.workers.start([c for c in configs if c.execution == "process"])
+        for config in configs:
+            served = await self._build(config)
+            self.models[config.name] = served
+            await self._tell(config.name, served)
         self.state = State.SERVING
+
+    async def _build(self, config: ModelConfig) -> ServedModel:
+        served = ServedModel(config, stats=ModelStats(config.name, config.version))
+        served.model = await self.workers.load(config)
+        served.scheduler = ModelScheduler(
+            config, self._runner(served), self._concurrency(served), self.metrics, served.stats
+        )
+        served.ready = True
+        log.info("model %s (version %s, %s) loaded", config.name, config.version, config.runtime)
+        return served
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    def _process_configs(self, name: str, config: ModelConfig | None) -> list[ModelConfig]:
+        """The process models to serve once ``name`` is ``config`` (None: unloaded)."""
+        kept = [s.config for n, s in self.models.items() if n != name and s.config.execution == "process"]
+        return kept + ([config] if config is not None and config.execution == "process" else [])
+
+    async def load_model(self, config: ModelConfig) -> None:
+        """Load a model at run time, or replace the loaded instance of it (new instance ready first, then swap)."""
+        name = config.name
+        async with self._lock(name):
+            old = self.models.get(name)
+            if old is None:
+                self.states[name] = (LOADING, "")
+            try:
+                if config.execution == "process" or (old is not None and old.config.execution == "process"):
+                    await self.workers.set_process_configs(self._process_configs(name, config))
+                served = await self._build(config)
+            except Exception as exc:
+                reason = f"failed to load: {exc}"
+                if old is None:
+                    self.states[name] = (UNAVAILABLE, reason)
+                log.error("model %s %s", name, reason)
+                raise ModelLoadFailed(f"model '{name}' {reason}") from None
+            self.models[name] = served  # the swap: new calls go to the new instance from here
+            self.states.pop(name, None)
+            await self._tell(name, served)
+            if old is not None:
+                await self._retire(old)
+                log.info("model %s replaced (version %s -> %s)", name, old.config.version, config.version)
+
+    async def unload_model(self, name: str) -> bool:
+        """Unload a model (False if it was not loaded): no new calls, in-flight ones finish, memory is freed."""
+        async with self._lock(name):
+            old = self.models.pop(name, None)
+            if old is None:
+                return False
+            self.states[name] = (UNLOADING, "")
+            await self._tell(name, None)
+            await self._retire(old)
+            if old.config.execution == "process":
+                await self.workers.set_process_configs(self._process_configs(name, None))
+            self.states[name] = (UNAVAILABLE, "unloaded")
+            log.info("model %s unloaded", name)
+            return True
+
+    async def _retire(self, old: ServedModel) -> None:
+        old.retired, old.ready = True, False
+        scheduler = old.scheduler
+        if scheduler is not None:
+            await scheduler.drained(self.drain_seconds)
+            await scheduler.close()
+        old.model, old.scheduler = None, None
+        if self.models.get(old.config.name) is None:
+            self.workers.forget(old.config.name)
+
+    async def _tell(self, name: str, served: ServedModel | None) -> None:
+        if self.listener is not None:
+            await self.listener(name, served)
 
     def _runner(self, served: ServedModel):
         async def run(inputs):
@@ -121,13 +213,18 @@ class Engine:
         return self.workers.process_count if served.config.execution == "process" else self.workers.thread_count
 
     async def close(self) -> None:
-        for served in self.models.values():
+        for served in list(self.models.values()):
             if served.scheduler is not None:
                 await served.scheduler.close()
 
     def get(self, name: str, version: str = "") -> ServedModel:
         served = self.models.get(name)
         if served is None:
+            state, reason = self.states.get(name, ("", ""))
+            if state == LOADING:
+                raise ModelNotReady(f"model '{name}' is loading; retry shortly")
+            if state:
+                raise ModelNotFound(f"model '{name}' is not loaded ({reason or state.lower()})")
             raise ModelNotFound(f"model '{name}' not found (served: {', '.join(sorted(self.models))})")
         if version and version != served.config.version:
             raise ModelNotFound(f"model '{name}' has no version '{version}' (served: {served.config.version})")
@@ -150,10 +247,23 @@ class Engine:
 
         ``deadline`` is in event-loop time: queued work still waiting then is dropped, not computed.
         """
+        if served.retired:
+            served = self._successor(served)
         if not served.ready or served.scheduler is None or self.state is State.LOADING:
             raise ModelNotReady(f"model '{served.config.name}' is not ready")
         results = await served.scheduler.submit(inputs, deadline, timing)
         return [self._checked_output(served.config, results, spec) for spec in outputs]
+
+    def _successor(self, served: ServedModel) -> ServedModel:
+        """The instance that replaced ``served`` (a call that looked it up before a swap); NOT_FOUND if unloaded."""
+        name = served.config.name
+        current = self.models.get(name)
+        if current is None:
+            raise ModelNotFound(f"model '{name}' was unloaded")
+        old, new = served.config, current.config
+        if (old.inputs, old.outputs) != (new.inputs, new.outputs):
+            raise ModelNotReady(f"model '{name}' was replaced (new tensors) while this request was decoded; retry")
+        return current
 
     @staticmethod
     def _checked_output(config: ModelConfig, results: dict, spec: TensorSpec) -> np.ndarray:

@@ -10,7 +10,8 @@ the answer names each replica that failed and why, with the status of the first 
 a replica whose model control mode refuses it, 404 for an unknown model, 503 for an unreachable replica).
 
 The index asks every replica too and merges their answers: a model is READY only if it is READY on every replica
-that answered; otherwise its entry shows the first other state, its reason prefixed with the replicas concerned.
+that answered; otherwise its entry shows the first other state, and when replicas disagree, its reason names the
+replicas in that state.
 
 Replicas that start later load what their own ``--model-control-mode``/``--load`` say: the gateway keeps no record
 of past loads (README: "Model control").
@@ -132,7 +133,8 @@ async def index(replicas: ReplicaSet, ready: bool, timeout: float) -> web.Respon
         elif others:
             (state, reason), names = others[0]
             row["state"] = state
-            row["reason"] = f"{reason} (on {', '.join(names)})" if len(answered) > 1 else reason
+            agreed = len(states) == 1 and not missing
+            row["reason"] = reason if agreed else f"{reason} (on {', '.join(names)})"
         else:
             row["state"], row["reason"] = "UNAVAILABLE", f"not known to {missing} replica(s)"
         if not ready or row["state"] == "READY":

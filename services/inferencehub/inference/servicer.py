@@ -174,9 +174,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise  # abort raises; this line only tells readers and type checkers so
 
     async def ModelReady(self, request, context):
-        if request.name not in self.engine.models and request.name in self.engine.states:
+        if request.name not in self.engine.models and await self._known(request.name):
             context.set_trailing_metadata(self.replica_metadata)
-            return pb.ModelReadyResponse(ready=False)  # loading, unloading or unloaded: known, not ready
+            return pb.ModelReadyResponse(ready=False)  # in the repository, not loaded (or loading): not ready
         served = await self._served(request, context)
         return pb.ModelReadyResponse(ready=self.engine.ready and served.ready)
 
@@ -185,6 +185,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(
             name="inferencehub", version=inferencehub.__version__, extensions=list(EXTENSIONS)
         )
+
+    async def _known(self, name: str) -> bool:
+        if name in self.engine.states:
+            return True
+        return self.control is not None and any(row[0] == name for row in await self.control.index())
 
     async def ModelMetadata(self, request, context):
         config = (await self._served(request, context)).config

@@ -21,7 +21,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from conftest import SHIPPED, Gateway, Replica, health_status, wait_for
+from conftest import SHIPPED, Gateway, NatsServer, Replica, health_status, job_queue_ready, wait_for
 
 IRIS_BODY = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
 MOCK_BODY = {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]}
@@ -305,7 +305,7 @@ def test_none_mode_loads_everything_and_refuses_load_and_unload(tmp_path):
             server.stop()
         client = triton_grpc.InferenceServerClient(replica.target)
         try:
-            with pytest.raises(InferenceServerException, match="FAILED_PRECONDITION.*model control mode is 'none'"):
+            with pytest.raises(InferenceServerException, match=r"FAILED_PRECONDITION.*model control mode is 'none'"):
                 client.load_model("mock")
         finally:
             client.close()
@@ -352,3 +352,47 @@ def test_poll_mode_reloads_a_changed_model_without_failing_a_request(tmp_path):
     finally:
         replica.terminate()
         replica.kill()
+
+
+def test_a_replica_started_after_a_load_serves_the_same_models_through_the_shared_state(tmp_path):
+    models = repository(tmp_path / "models")
+    nats = NatsServer(tmp_path / "nats")
+    started: list[Replica] = []
+
+    def replica(*flags: str) -> Replica:
+        server = Replica("--models", str(models), "--model-control-mode", "explicit", "--processes", "1", *flags)
+        started.append(server)
+        return server.wait_serving()
+
+    try:
+        first = replica("--load", "iris", "--nats", nats.url)
+        server = Gateway(f"ipv4:{first.target}", "--nats", nats.url)
+        try:
+            wait_for(lambda: job_queue_ready(server), 30, what="the gateway's job queue")
+            client = triton_http.InferenceServerClient(server.url)
+            client.load_model("mock", config=json.dumps(mock_config(version="9")))
+            client.unload_model("iris")
+        finally:
+            server.stop()
+        later = replica("--load", "iris", "--nats", nats.url)
+        grpc_client = triton_grpc.InferenceServerClient(later.target)
+        try:
+            assert grpc_client.get_model_metadata("mock", as_json=True)["versions"] == ["9"]
+            assert not grpc_client.is_model_ready("iris")  # unloaded through the gateway: --load iris is overruled
+        finally:
+            grpc_client.close()
+        assert "unloaded through the gateway earlier" in later.log
+
+        nats.stop()  # NATS gone: a new replica says so and starts with what --load says
+        alone = replica("--load", "iris", "--nats", nats.url)
+        grpc_client = triton_grpc.InferenceServerClient(alone.target)
+        try:
+            assert grpc_client.is_model_ready("iris") and not grpc_client.is_model_ready("mock")
+        finally:
+            grpc_client.close()
+        assert "starting with the models --load names" in alone.log
+    finally:
+        for server in started:
+            server.terminate()
+            server.kill()
+        nats.stop()

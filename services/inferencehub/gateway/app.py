@@ -36,6 +36,7 @@ from inferencehub.gateway.status import Traffic, status
 from inferencehub.gateway.traced import traced_requests
 from inferencehub.gateway.upstream import Upstream, UpstreamError, channel_options
 from inferencehub.metadata import REPLICA_KEY
+from inferencehub.model_state import Desired
 from inferencehub.processes import announce
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.settings import GatewaySettings
@@ -262,7 +263,13 @@ async def repository_load(request: web.Request) -> web.Response:
     action = f"load of model '{name}'"
     doc = repository.parse_body(await request.read(), repository.LoadRequest, action)
     message = repository.load_request(name, doc.parameters)
-    return await repository.fan_out(request.app[REPLICAS], "RepositoryModelLoad", message, deadline(request), action)
+    replicas = request.app[REPLICAS]
+    response, succeeded = await repository.fan_out(replicas, "RepositoryModelLoad", message, deadline(request), action)
+    if succeeded:
+        config = doc.parameters.get("config")
+        desired = Desired(name, True, config if isinstance(config, str) else None)
+        await repository.remember(request.app.get(jobs.JOBS), desired, request.app[SETTINGS].jobs_replicas)
+    return response
 
 
 async def repository_unload(request: web.Request) -> web.Response:
@@ -271,7 +278,13 @@ async def repository_unload(request: web.Request) -> web.Response:
     action = f"unload of model '{name}'"
     repository.parse_body(await request.read(), repository.LoadRequest, action)  # Triton's unload_dependents: no-op
     message = pb.RepositoryModelUnloadRequest(model_name=name)
-    return await repository.fan_out(request.app[REPLICAS], "RepositoryModelUnload", message, deadline(request), action)
+    replicas = request.app[REPLICAS]
+    response, succeeded = await repository.fan_out(
+        replicas, "RepositoryModelUnload", message, deadline(request), action
+    )
+    if succeeded:
+        await repository.remember(request.app.get(jobs.JOBS), Desired(name, False), request.app[SETTINGS].jobs_replicas)
+    return response
 
 
 async def status_json(request: web.Request) -> web.Response:

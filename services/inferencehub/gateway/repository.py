@@ -13,23 +13,32 @@ The index asks every replica too and merges their answers: a model is READY only
 that answered; otherwise its entry shows the first other state, and when replicas disagree, its reason names the
 replicas in that state.
 
-Replicas that start later load what their own ``--model-control-mode``/``--load`` say: the gateway keeps no record
-of past loads (README: "Model control").
+With a job queue (``--nats``), a load or unload that succeeded on at least one replica is also recorded in NATS
+(``model_state``), so a replica in ``explicit`` mode that starts later serves the same set. Without one, replicas
+that start later load what their own ``--model-control-mode`` and ``--load`` say.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import grpc
 import msgspec
 from aiohttp import web
 
+from inferencehub import model_state
 from inferencehub.errors import InvalidInput
 from inferencehub.gateway.http_errors import HTTP_STATUS, error_response
 from inferencehub.gateway.replicas import ReplicaSet, ReplicaView
 from inferencehub.gateway.upstream import UpstreamError
+from inferencehub.model_state import Desired
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+RECORD_TIMEOUT = 5.0
 
 
 class IndexRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -82,22 +91,41 @@ def load_request(model: str, parameters: dict[str, Any]) -> pb.RepositoryModelLo
     return request
 
 
-async def fan_out(replicas: ReplicaSet, method: str, request, timeout: float, action: str) -> web.Response:
-    """Call ``method`` on every replica; 200 with an empty body if all succeeded, else an error naming those that
-    did not."""
+async def fan_out(replicas: ReplicaSet, method: str, request, timeout: float, action: str) -> tuple[web.Response, int]:
+    """Call ``method`` on every replica: 200 with an empty body if all succeeded, else an error naming those that
+    did not; and how many succeeded."""
     results = await replicas.each(method, request, timeout)
     if not results:
-        return error_response(503, f"{action}: no inference replica is available", {"Retry-After": "1"})
+        return error_response(503, f"{action}: no inference replica is available", {"Retry-After": "1"}), 0
     failed = [(view, result) for view, result in results if isinstance(result, UpstreamError)]
     if not failed:
-        return web.Response(status=200)
+        return web.Response(status=200), len(results)
     parts = [f"{replica_label(view)}: {_reason(error)}" for view, error in failed]
     first = failed[0][1]
     status = HTTP_STATUS.get(first.code, 500)
     message = f"{action} failed on {len(failed)} of {len(results)} replica(s): " + "; ".join(parts)
     if len(failed) < len(results):
         message += " (it succeeded on the others)"
-    return error_response(status, message, {"Retry-After": "1"} if status == 503 else None)
+    response = error_response(status, message, {"Retry-After": "1"} if status == 503 else None)
+    return response, len(results) - len(failed)
+
+
+async def remember(queue, desired: Desired, replicas: int) -> None:
+    """Record the model's desired state for replicas that start later (``model_state``); a failure is logged."""
+    if queue is None:
+        return
+    try:
+        if queue.js is None:
+            raise ConnectionError(queue.problem or "not connected")
+        await asyncio.wait_for(model_state.record(queue.js, desired, replicas), RECORD_TIMEOUT)
+    except Exception as exc:
+        log.warning(
+            "model %s: %s on the running replicas, but not recorded in NATS (%s): replicas that start later "
+            "will follow their own --load flags",
+            desired.name,
+            "loaded" if desired.loaded else "unloaded",
+            exc or type(exc).__name__,
+        )
 
 
 def _reason(error: UpstreamError) -> str:

@@ -26,10 +26,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from inferencehub.errors import ConfigError, InvalidInput, ModelControlRefused, ModelLoadFailed, ModelNotFound
+from inferencehub.errors import (
+    ConfigError,
+    InferenceHubError,
+    InvalidInput,
+    ModelControlRefused,
+    ModelLoadFailed,
+    ModelNotFound,
+)
 from inferencehub.inference.engine import READY, UNAVAILABLE, Engine
 from inferencehub.inference.repository import CONFIG_FILE, load_config, load_repository, parse_config
 from inferencehub.model import ModelConfig
+from inferencehub.model_state import Desired
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +134,27 @@ class ModelControl:
             raise ConfigError(f"--load: model '{name}' is not in the repository {self.directory} (it has: {known})")
         return configs
 
-    async def start(self, configs: list[ModelConfig]) -> None:
-        """Load the start-up models; in poll mode, begin watching the folder."""
+    async def start(self, configs: list[ModelConfig], shared: dict[str, Desired] | None = None) -> None:
+        """Load the start-up models (errors stop start-up), then in explicit mode those the shared model state
+        records as loaded (errors are logged: a model loaded earlier must not keep new replicas from starting);
+        in poll mode, begin watching the folder."""
+        if shared and self.mode == "explicit":
+            kept = [c for c in configs if shared.get(c.name, Desired(c.name, True)).loaded]
+            skipped = sorted({c.name for c in configs} - {c.name for c in kept})
+            configs = kept
+            if skipped:
+                log.info(
+                    "not loading %s: unloaded through the gateway earlier (shared model state)", ", ".join(skipped)
+                )
         await self.engine.load(configs)
+        for name, desired in sorted((shared or {}).items()):
+            if self.mode != "explicit" or not desired.loaded:
+                continue
+            try:
+                await self.load(name, {CONFIG_PARAMETER: desired.config} if desired.config else None)
+                log.info("model %s loaded: loaded through the gateway earlier (shared model state)", name)
+            except InferenceHubError as exc:
+                log.error("model %s is recorded as loaded (shared model state) but cannot be loaded: %s", name, exc)
         if self.mode == "poll":
             self.prints = await asyncio.to_thread(fingerprints, self.directory)
             self.poller = asyncio.create_task(self._poll(), name="repository poll")

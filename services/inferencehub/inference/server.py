@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from inferencehub import tls, tracing
+from inferencehub import model_state, tls, tracing
 from inferencehub.errors import InferenceHubError
 from inferencehub.inference.control import ModelControl
 from inferencehub.inference.engine import Engine, ServedModel, State
@@ -111,7 +111,10 @@ class InferenceServer:
 
     async def load(self) -> None:
         assert self.control is not None
-        await self.control.start(self.startup_models)
+        shared = None
+        if self.settings.nats_url and self.control.mode == "explicit":
+            shared = await model_state.read(self.settings.nats_url)  # None (logged) if NATS does not answer
+        await self.control.start(self.startup_models, shared)
         await self.set_health(True)
         log.info("replica %s ready: %s", self.replica, ", ".join(self.engine.models))
         if self.settings.nats_url:

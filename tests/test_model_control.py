@@ -371,6 +371,9 @@ def test_a_replica_started_after_a_load_serves_the_same_models_through_the_share
             wait_for(lambda: job_queue_ready(server), 30, what="the gateway's job queue")
             client = triton_http.InferenceServerClient(server.url)
             client.load_model("mock", config=json.dumps(mock_config(version="9")))
+            # A model loaded at run time gets its async jobs pulled too.
+            job = server.request("POST", "/v2/models/mock/infer", MOCK_BODY, {"Prefer": "respond-async, wait=20"})
+            assert job.status == 200 and job.json()["model_version"] == "9", job
             client.unload_model("iris")
         finally:
             server.stop()

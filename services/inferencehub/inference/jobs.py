@@ -23,6 +23,7 @@ instead of failing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -91,8 +92,9 @@ class JobRunner:
         self.kv = None
         self.stopping = False
         self.loops: list[asyncio.Task] = []
-        self.held: dict[str, set[asyncio.Task]] = {name: set() for name in engine.models}
-        self.freed: dict[str, asyncio.Event] = {name: asyncio.Event() for name in engine.models}
+        self.held: dict[str, set[asyncio.Task]] = collections.defaultdict(set)
+        self.freed: dict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
+        self.bound: set[str] = set()  # models whose jobs are pulled (those loaded since start too)
         self.starter: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -115,32 +117,20 @@ class JobRunner:
         if subscriptions is None:
             return
         for name, subscription in subscriptions.items():
-            self.loops.append(asyncio.create_task(self._pull(self.engine.models[name], subscription), name=name))
+            self.loops.append(asyncio.create_task(self._pull(name, subscription), name=name))
         log.info("jobs: pulling for %s from NATS at %s", ", ".join(subscriptions), self.url)
 
     async def _bind(self):
         """Wait for the stream and bucket (the gateway creates them), then bind each model's consumer."""
-        from nats.js import api
-
         warned = False
         while not self.stopping:
             try:
                 self.kv = await self.js.key_value(jobqueue.BUCKET)
                 await self.js.stream_info(jobqueue.STREAM)
                 subscriptions = {}
-                for name in self.engine.models:
-                    config = api.ConsumerConfig(
-                        durable_name=jobqueue.consumer_name(name),
-                        filter_subject=jobqueue.subject(name),
-                        ack_policy=api.AckPolicy.EXPLICIT,
-                        ack_wait=self.settings.jobs_lease_seconds,
-                        max_deliver=self.settings.jobs_max_attempts + 1,  # the last delivery only fails the job
-                        max_ack_pending=-1,
-                    )
-                    await self.js.add_consumer(jobqueue.STREAM, config)
-                    subscriptions[name] = await self.js.pull_subscribe_bind(
-                        durable=config.durable_name, stream=jobqueue.STREAM
-                    )
+                for name in [n for n in self.engine.models if n not in self.bound]:  # see follow()
+                    subscriptions[name] = await self._subscribe(name)
+                self.bound.update(subscriptions)
                 return subscriptions
             except Exception as exc:
                 if not warned:
@@ -155,6 +145,38 @@ class JobRunner:
                 await asyncio.sleep(1.0)
         return None
 
+    async def _subscribe(self, name: str):
+        from nats.js import api
+
+        config = api.ConsumerConfig(
+            durable_name=jobqueue.consumer_name(name),
+            filter_subject=jobqueue.subject(name),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.settings.jobs_lease_seconds,
+            max_deliver=self.settings.jobs_max_attempts + 1,  # the last delivery only fails the job
+            max_ack_pending=-1,
+        )
+        await self.js.add_consumer(jobqueue.STREAM, config)
+        return await self.js.pull_subscribe_bind(durable=config.durable_name, stream=jobqueue.STREAM)
+
+    def follow(self, name: str) -> None:
+        """A model loaded at run time: pull its jobs too. (An unloaded model's loop idles: its jobs wait in the
+        stream for a replica that serves it; a replaced model's loop goes on with the new instance.)"""
+        if name in self.bound or self.kv is None or self.stopping:
+            return  # pulled already, or not bound yet (the bind takes every model loaded by then)
+        self.bound.add(name)
+        self.loops.append(asyncio.create_task(self._follow(name), name=name))
+
+    async def _follow(self, name: str) -> None:
+        try:
+            subscription = await self._subscribe(name)
+        except Exception as exc:
+            self.bound.discard(name)
+            log.warning("jobs: cannot pull for %s, loaded at run time (%s)", name, exc or type(exc).__name__)
+            return
+        log.info("jobs: pulling for %s too", name)
+        await self._pull(name, subscription)
+
     def limit(self, served: ServedModel) -> int:
         if self.settings.jobs_per_model > 0:
             return self.settings.jobs_per_model
@@ -168,12 +190,12 @@ class JobRunner:
         held = len(self.held[served.config.name])
         return min(self.limit(served) - held, scheduler.max_queue - len(scheduler.queue))
 
-    async def _pull(self, served: ServedModel, subscription) -> None:
+    async def _pull(self, name: str, subscription) -> None:
         from nats.errors import TimeoutError as NatsTimeout
 
-        name = served.config.name
         while not self.stopping:
-            room = self.room(served)
+            served = self.engine.models.get(name)  # the instance serving now (models are replaced and unloaded)
+            room = self.room(served) if served is not None else 0
             if room <= 0:
                 self.freed[name].clear()
                 with contextlib.suppress(TimeoutError):
@@ -194,7 +216,7 @@ class JobRunner:
                     with contextlib.suppress(Exception):
                         await message.nak()
                     continue
-                task = asyncio.create_task(self._handle(served, message))
+                task = asyncio.create_task(self._handle(served, message))  # type: ignore[arg-type]
                 self.held[name].add(task)
                 self.metrics.held.labels(name).set(len(self.held[name]))
                 task.add_done_callback(lambda t, name=name: self._done(name, t))

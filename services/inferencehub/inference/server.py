@@ -103,6 +103,8 @@ class InferenceServer:
                 self.load_reporter.watch({name: served.scheduler})
             self.metrics.model_ready.labels(name, served.config.version).set(1)
             self.ready_versions[name] = served.config.version
+            if self.jobs is not None:
+                self.jobs.follow(name)
             if self.engine.state is State.SERVING:  # at start, every name turns SERVING together
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
             return

@@ -9,6 +9,7 @@ following; ``none`` mode refusing; API key roles; ``poll`` mode reloading a mode
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import shutil
@@ -28,14 +29,14 @@ MOCK_BODY = {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "
 ADMIN_KEY, USER_KEY = "admin-key-0123456789", "user-key-0123456789"
 
 
-def mock_config(version: str = "1", latency_ms: int = 0) -> dict:
+def mock_config(version: str = "1", latency_ms: int = 0, mode: str = "sleep") -> dict:
     return {
         "name": "mock",
         "version": version,
         "runtime": "mock",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, -1]}],
         "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, -1]}],
-        "parameters": {"mode": "sleep", "latency": {"distribution": "fixed", "ms": latency_ms}},
+        "parameters": {"mode": mode, "latency": {"distribution": "fixed", "ms": latency_ms}},
     }
 
 
@@ -399,3 +400,52 @@ def test_a_replica_started_after_a_load_serves_the_same_models_through_the_share
             server.terminate()
             server.kill()
         nats.stop()
+
+
+def child_pids(pid: int) -> set[int]:
+    """The replica's model worker processes (spawned children; not multiprocessing's resource tracker)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found |= {int(p) for p in (task / "children").read_text().split()}
+    workers = set()
+    for child in found:
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.add(child)
+    return workers
+
+
+def test_process_models_load_and_unload_in_fresh_worker_processes_without_failing_calls(tmp_path):
+    models = repository(tmp_path / "models")
+    for name in ("proc-a", "proc-b"):
+        (models / name).mkdir()
+        config = {**mock_config(latency_ms=5, mode="busy"), "name": name, "execution": "process"}
+        (models / name / "config.json").write_text(json.dumps(config))
+    replica = Replica(
+        "--models", str(models), "--model-control-mode", "explicit", "--load", "proc-a", "--processes", "1"
+    )
+    try:
+        replica.wait_serving()
+        server = Gateway(f"ipv4:{replica.target}")
+        try:
+            workers_a = wait_for(lambda: child_pids(replica.proc.pid), 30, what="proc-a's worker process")
+            traffic = Traffic(server, "proc-a", MOCK_BODY)
+            traffic.start()
+            try:
+                client = triton_http.InferenceServerClient(server.url)
+                client.load_model("proc-b")  # new workers hold both; the old ones exit once their calls are done
+                assert server.request("POST", "/v2/models/proc-b/infer", MOCK_BODY).status == 200
+                client.unload_model("proc-b")
+            finally:
+                sent = traffic.finish()
+            assert sent > 0 and traffic.failures == [], traffic.failures[:5]
+            wait_for(lambda: not (child_pids(replica.proc.pid) & workers_a), 30, what="the first workers to exit")
+            client.unload_model("proc-a")  # the last process model: no worker process is left
+            wait_for(lambda: not child_pids(replica.proc.pid), 30, what="every worker process to exit")
+            assert server.request("POST", "/v2/models/proc-a/infer", MOCK_BODY).status == 404
+        finally:
+            server.stop()
+    finally:
+        replica.terminate()
+        replica.kill()

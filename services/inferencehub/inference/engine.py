@@ -118,10 +118,12 @@ class Engine:
 
     async def load(self, configs: list[ModelConfig]) -> None:
         """Start-up: load every model given (process models in every worker). Errors propagate: start-up fails."""
+        self.states.update({c.name: (LOADING, "") for c in configs})
         await self.workers.start([c for c in configs if c.execution == "process"])
         for config in configs:
             served = await self._build(config)
             self.models[config.name] = served
+            self.states.pop(config.name, None)
             await self._tell(config.name, served)
         self.state = State.SERVING
 

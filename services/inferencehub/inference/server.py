@@ -212,6 +212,8 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     engine.listener = instance.model_changed
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await instance.set_health(False)
+    for config in configs:  # each model's name is known, and NOT_SERVING, while it loads
+        await health.set(config.name, health_pb2.HealthCheckResponse.NOT_SERVING)
     if settings.health_port >= 0:
         instance.health_server, instance.health_port = await _health_only_server(settings, health)
     await server.start()

@@ -257,6 +257,17 @@ async def repository_index(request: web.Request) -> web.Response:
     return await repository.index(request.app[REPLICAS], doc.ready, deadline(request))
 
 
+def forget_model(app: web.Application, name: str) -> None:
+    """Drop what this gateway process cached about a model just loaded, replaced or unloaded (its batch size for
+    coalescing, its metadata for jobs); other gateway processes refresh theirs within their cache's lifetime."""
+    limits = getattr(app[COALESCER], "limits", None)
+    queue = app.get(jobs.JOBS)
+    for cache in (limits, getattr(queue, "metadata", None)):
+        if isinstance(cache, dict):
+            for key in [k for k in cache if k[0] == name]:
+                cache.pop(key, None)
+
+
 async def repository_load(request: web.Request) -> web.Response:
     """Load (or reload) a model on every replica; an admin action when API keys are on."""
     name = request.match_info["model"]
@@ -266,6 +277,7 @@ async def repository_load(request: web.Request) -> web.Response:
     replicas = request.app[REPLICAS]
     response, succeeded = await repository.fan_out(replicas, "RepositoryModelLoad", message, deadline(request), action)
     if succeeded:
+        forget_model(request.app, name)
         config = doc.parameters.get("config")
         desired = Desired(name, True, config if isinstance(config, str) else None)
         await repository.remember(request.app.get(jobs.JOBS), desired, request.app[SETTINGS].jobs_replicas)
@@ -283,6 +295,7 @@ async def repository_unload(request: web.Request) -> web.Response:
         replicas, "RepositoryModelUnload", message, deadline(request), action
     )
     if succeeded:
+        forget_model(request.app, name)
         await repository.remember(request.app.get(jobs.JOBS), Desired(name, False), request.app[SETTINGS].jobs_replicas)
     return response
 

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("none", "explicit", "poll")
 CONFIG_PARAMETER = "config"
+INDEX_SCAN_SECONDS = 1.0
 IGNORED_PARAMETERS = frozenset({"unload_dependents"})  # tritonclient always sends it; there are no ensembles here
 
 
@@ -112,6 +113,7 @@ class ModelControl:
         self.poll_seconds = poll_seconds
         self.prints: dict[str, tuple] = {}
         self.poller: asyncio.Task | None = None
+        self._scanned: tuple[float, Scan] | None = None  # the last scan for index() and its time
 
     # --- start-up --------------------------------------------------------------------------
 
@@ -167,9 +169,19 @@ class ModelControl:
 
     # --- the repository extension ----------------------------------------------------------
 
+    async def _scan(self, fresh: bool = True) -> Scan:
+        """The folder now (``fresh``), or as read less than ``INDEX_SCAN_SECONDS`` ago: calls that only look
+        (index, readiness of an unknown name) cannot make the replica read the folder more than once a second."""
+        loop = asyncio.get_running_loop()
+        if not fresh and self._scanned is not None and loop.time() - self._scanned[0] < INDEX_SCAN_SECONDS:
+            return self._scanned[1]
+        found = await asyncio.to_thread(scan, self.directory) if self.directory.is_dir() else Scan()
+        self._scanned = (loop.time(), found)
+        return found
+
     async def index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
         """``(name, version, state, reason)`` for every model served or in the folder, by name."""
-        found = await asyncio.to_thread(scan, self.directory) if self.directory.is_dir() else Scan()
+        found = await self._scan(fresh=False)
         entries: dict[str, tuple[str, str, str, str]] = {}
         for folder, error in found.errors.items():
             entries[folder] = (folder, "", UNAVAILABLE, error)
@@ -202,7 +214,7 @@ class ModelControl:
                 f"load of model '{name}': parameter '{unknown[0]}' is not supported (only '{CONFIG_PARAMETER}', "
                 "a JSON model config; model files must be in the repository)"
             )
-        found = await asyncio.to_thread(scan, self.directory) if self.directory.is_dir() else Scan()
+        found = await self._scan()
         if CONFIG_PARAMETER in parameters:
             config = await asyncio.to_thread(self._override, name, parameters[CONFIG_PARAMETER], found)
         elif name in found.configs:
@@ -241,7 +253,7 @@ class ModelControl:
         if name in self.engine.models or name in self.engine.states:
             await self.engine.unload_model(name)
             return
-        found = await asyncio.to_thread(scan, self.directory) if self.directory.is_dir() else Scan()
+        found = await self._scan()
         if name not in found.configs and name not in found.errors:
             raise ModelNotFound(f"model '{name}' is neither loaded nor in the model repository")
         # Known and not loaded: nothing to do (unload is idempotent, as in Triton).

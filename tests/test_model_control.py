@@ -449,3 +449,54 @@ def test_process_models_load_and_unload_in_fresh_worker_processes_without_failin
     finally:
         replica.terminate()
         replica.kill()
+
+
+def test_versions_follow_the_version_policy_everywhere(tmp_path):
+    models = repository(tmp_path / "models")
+    config = {k: v for k, v in mock_config().items() if k not in ("name", "version")}
+    (models / "multi").mkdir()
+    for version in ("1", "2", "3"):
+        (models / "multi" / version).mkdir()  # version folders: the mock runtime needs no files in them
+    (models / "multi" / "config.json").write_text(
+        json.dumps({**config, "name": "multi", "version_policy": {"latest": {"num_versions": 2}}})
+    )
+    replica = Replica(
+        "--models", str(models), "--model-control-mode", "explicit", "--load", "multi", "--processes", "1"
+    )
+    try:
+        replica.wait_serving()
+        server = Gateway(f"ipv4:{replica.target}")
+        try:
+
+            def infer(path: str):
+                return server.request("POST", f"{path}/infer", MOCK_BODY)
+
+            assert server.request("GET", "/v2/models/multi").json()["versions"] == ["2", "3"]
+            assert infer("/v2/models/multi").json()["model_version"] == "3"  # the default: the highest
+            assert infer("/v2/models/multi/versions/2").json()["model_version"] == "2"
+            missing = infer("/v2/models/multi/versions/1")
+            assert missing.status == 404 and "has no version '1' (served: 2, 3)" in missing.json()["error"]
+            assert server.request("GET", "/v2/models/multi/versions/2/ready").status == 200
+            index = server.request("POST", "/v2/repository/index", {"ready": True}).json()
+            assert [(e["name"], e["version"]) for e in index] == [("multi", "2"), ("multi", "3")]
+            stats = server.request("GET", "/v2/models/multi/versions/2/stats").json()["model_stats"]
+            assert [(s["version"], s["inference_count"]) for s in stats] == [("2", 1)]
+            assert metric(replica, "inferencehub_model_ready", 'model="multi",version="3"') == 1.0
+
+            client = triton_http.InferenceServerClient(server.url)
+            client.load_model("multi", config=json.dumps({**config, "version_policy": {"specific": {"versions": [1]}}}))
+            assert server.request("GET", "/v2/models/multi").json()["versions"] == ["1"]
+            assert metric(replica, "inferencehub_model_ready", 'model="multi",version="3"') == 0.0
+            client.load_model("multi", config=json.dumps({**config, "version_policy": {"all": {}}}))
+            assert server.request("GET", "/v2/models/multi").json()["versions"] == ["1", "2", "3"]
+            bad = {**config, "version_policy": {"specific": {"versions": [7]}}}
+            refused = server.request(
+                "POST", "/v2/repository/models/multi/load", {"parameters": {"config": json.dumps(bad)}}
+            )
+            assert refused.status == 400 and "selects none of the versions (1, 2, 3)" in refused.json()["error"]
+            assert server.request("GET", "/v2/models/multi").json()["versions"] == ["1", "2", "3"]  # unchanged
+        finally:
+            server.stop()
+    finally:
+        replica.terminate()
+        replica.kill()

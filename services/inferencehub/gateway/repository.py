@@ -142,18 +142,17 @@ async def index(replicas: ReplicaSet, ready: bool, timeout: float) -> web.Respon
         first = next((r for _, r in results if isinstance(r, UpstreamError)), None)
         status = HTTP_STATUS.get(first.code, 500) if first is not None else 503
         return error_response(status, f"repository index: no replica answered ({failures})")
-    merged: dict[str, dict[str, str]] = {}
-    where: dict[str, dict[tuple[str, str], list[str]]] = {}
+    merged: dict[tuple[str, str], dict[str, str]] = {}  # by model and version
+    where: dict[tuple[str, str], dict[tuple[str, str], list[str]]] = {}
     for view, response in answered:
         for entry in response.models:
-            key = (entry.state, entry.reason)
-            where.setdefault(entry.name, {}).setdefault(key, []).append(replica_label(view))
-            if entry.name not in merged or (entry.version and not merged[entry.name]["version"]):
-                merged[entry.name] = {"name": entry.name, "version": entry.version, "state": "", "reason": ""}
+            model = (entry.name, entry.version)
+            where.setdefault(model, {}).setdefault((entry.state, entry.reason), []).append(replica_label(view))
+            merged.setdefault(model, {"name": entry.name, "version": entry.version, "state": "", "reason": ""})
     rows = []
-    for name in sorted(merged):
-        row = merged[name]
-        states = where[name]
+    for model in sorted(merged):
+        row = merged[model]
+        states = where[model]
         others = [(key, names) for key, names in states.items() if key[0] != "READY"]
         missing = len(answered) - sum(len(names) for names in states.values())
         if not others and not missing:

@@ -35,7 +35,7 @@ from inferencehub.errors import (
     ModelNotFound,
 )
 from inferencehub.inference.engine import READY, UNAVAILABLE, Engine
-from inferencehub.inference.repository import CONFIG_FILE, load_config, load_repository, parse_config
+from inferencehub.inference.repository import CONFIG_FILE, expand, load_config, load_repository, parse_config
 from inferencehub.model import ModelConfig
 from inferencehub.model_state import Desired
 
@@ -148,7 +148,8 @@ class ModelControl:
                 log.info(
                     "not loading %s: unloaded through the gateway earlier (shared model state)", ", ".join(skipped)
                 )
-        await self.engine.load(configs)
+        versions = await asyncio.to_thread(lambda: [v for c in configs for v in expand(c)])  # ConfigError: stop
+        await self.engine.load(versions)
         for name, desired in sorted((shared or {}).items()):
             if self.mode != "explicit" or not desired.loaded:
                 continue
@@ -182,17 +183,17 @@ class ModelControl:
     async def index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
         """``(name, version, state, reason)`` for every model served or in the folder, by name."""
         found = await self._scan(fresh=False)
-        entries: dict[str, tuple[str, str, str, str]] = {}
+        entries: dict[str, list[tuple[str, str, str, str]]] = {}
         for folder, error in found.errors.items():
-            entries[folder] = (folder, "", UNAVAILABLE, error)
+            entries[folder] = [(folder, "", UNAVAILABLE, error)]
         for name, config in found.configs.items():
-            entries[name] = (name, config.version, UNAVAILABLE, "not loaded")
+            entries[name] = [(name, config.version, UNAVAILABLE, "not loaded")]
         for name, (state, reason) in self.engine.states.items():
             version = found.configs[name].version if name in found.configs else ""
-            entries[name] = (name, version, state, reason)
-        for name, served in self.engine.models.items():
-            entries[name] = (name, served.config.version, READY, "")
-        rows = [entries[name] for name in sorted(entries)]
+            entries[name] = [(name, version, state, reason)]
+        for name, versions in self.engine.versions.items():
+            entries[name] = [(name, version, READY, "") for version in versions]
+        rows = [row for name in sorted(entries) for row in entries[name]]
         return [row for row in rows if row[2] == READY] if ready_only else rows
 
     def _refuse_unless_explicit(self, action: str, name: str) -> None:
@@ -224,7 +225,11 @@ class ModelControl:
         else:
             known = ", ".join(sorted(found.configs)) or "none"
             raise ModelNotFound(f"model '{name}' is not in the model repository (it has: {known})")
-        await self.engine.load_model(config)
+        try:
+            versions = await asyncio.to_thread(expand, config)
+        except ConfigError as exc:
+            raise ModelLoadFailed(f"model '{name}' cannot be loaded: {exc}") from None
+        await self.engine.load_model(versions)
 
     def _override(self, name: str, text: object, found: Scan) -> ModelConfig:
         if not isinstance(text, str):
@@ -260,6 +265,11 @@ class ModelControl:
 
     # --- poll mode -------------------------------------------------------------------------
 
+    def directory_of(self, name: str) -> str:
+        """The name of a loaded model's folder (a version's config points into a version folder)."""
+        config = self.engine.models[name].config
+        return config.source.parent.name
+
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.poll_seconds)
@@ -285,11 +295,16 @@ class ModelControl:
         for name, config in sorted(found.configs.items()):
             if found.folders[name] in changed:
                 log.info("model %s: its files changed; loading it again", name)
+                try:
+                    versions = await asyncio.to_thread(expand, config)
+                except ConfigError as exc:
+                    log.error("model %s changed but cannot be loaded (what was serving stays): %s", name, exc)
+                    continue
                 with contextlib.suppress(ModelLoadFailed):  # logged by the engine; the old instance stays
-                    await self.engine.load_model(config)
+                    await self.engine.load_model(versions)
         removed = {f for f in changed if f not in prints}
         for name in list(self.engine.models):
-            folder = self.engine.models[name].config.directory.name
+            folder = self.directory_of(name)
             if name not in found.configs and folder in removed:
                 log.info("model %s: its folder was removed; unloading it", name)
                 await self.engine.unload_model(name)

@@ -100,10 +100,15 @@ class Engine:
     out of ``models`` at once (new calls get NOT_FOUND naming it), lets the old instance finish its calls, then
     closes its scheduler and drops every reference to the model, so its memory can be freed. Loads and unloads
     of one model are serialised; other models are never touched.
+
+    A model may serve several versions at once (its version folders, per its ``version_policy``): ``versions``
+    holds each, ``models`` the default one (the highest), which calls that name no version get. The versions of a
+    model are loaded, replaced and unloaded together.
     """
 
     def __init__(self, workers: Workers, metrics: InferenceMetrics, drain_seconds: float = 10.0) -> None:
-        self.models: dict[str, ServedModel] = {}
+        self.models: dict[str, ServedModel] = {}  # name -> its default version's instance
+        self.versions: dict[str, dict[str, ServedModel]] = {}  # name -> version -> instance
         self.states: dict[str, tuple[str, str]] = {}  # models not READY: name -> (state, reason)
         self.workers = workers
         self.metrics = metrics
@@ -122,9 +127,11 @@ class Engine:
         await self.workers.start([c for c in configs if c.execution == "process"])
         for config in configs:
             served = await self._build(config)
-            self.models[config.name] = served
+            self.versions.setdefault(config.name, {})[config.version] = served
+            self.models[config.name] = served  # the configs of a model's versions come in ascending order
             self.states.pop(config.name, None)
-            await self._tell(config.name, served)
+        for name, served in self.models.items():
+            await self._tell(name, served)
         self.state = State.SERVING
 
     async def _build(self, config: ModelConfig) -> ServedModel:
@@ -143,46 +150,64 @@ class Engine:
             lock = self._locks[name] = asyncio.Lock()
         return lock
 
-    def _process_configs(self, name: str, config: ModelConfig | None) -> list[ModelConfig]:
-        """The process models to serve once ``name`` is ``config`` (None: unloaded)."""
-        kept = [s.config for n, s in self.models.items() if n != name and s.config.execution == "process"]
-        return kept + ([config] if config is not None and config.execution == "process" else [])
+    def _process_configs(self, name: str, configs: list[ModelConfig]) -> list[ModelConfig]:
+        """The process models to serve once ``name``'s versions are ``configs`` (empty: unloaded)."""
+        kept = [
+            s.config
+            for n, versions in self.versions.items()
+            if n != name
+            for s in versions.values()
+            if s.config.execution == "process"
+        ]
+        return kept + [c for c in configs if c.execution == "process"]
 
-    async def load_model(self, config: ModelConfig) -> None:
-        """Load a model at run time, or replace the loaded instance of it (new instance ready first, then swap)."""
-        name = config.name
+    async def load_model(self, configs: ModelConfig | list[ModelConfig]) -> None:
+        """Load a model (all its versions to serve, ascending) at run time, or replace the loaded instances of it:
+        the new ones are ready first, then swapped in together."""
+        configs = [configs] if isinstance(configs, ModelConfig) else list(configs)
+        name = configs[0].name
         async with self._lock(name):
-            old = self.models.get(name)
-            if old is None:
+            old = self.versions.get(name, {})
+            if not old:
                 self.states[name] = (LOADING, "")
+            built: dict[str, ServedModel] = {}
             try:
-                if config.execution == "process" or (old is not None and old.config.execution == "process"):
-                    await self.workers.set_process_configs(self._process_configs(name, config))
-                served = await self._build(config)
+                if any(c.execution == "process" for c in configs) or any(
+                    s.config.execution == "process" for s in old.values()
+                ):
+                    await self.workers.set_process_configs(self._process_configs(name, configs))
+                for config in configs:
+                    built[config.version] = await self._build(config)
             except Exception as exc:
+                for served in built.values():
+                    if served.scheduler is not None:
+                        await served.scheduler.close()
                 reason = f"failed to load: {exc}"
-                if old is None:
+                if not old:
                     self.states[name] = (UNAVAILABLE, reason)
                 log.error("model %s %s", name, reason)
                 raise ModelLoadFailed(f"model '{name}' {reason}") from None
-            self.models[name] = served  # the swap: new calls go to the new instance from here
+            self.versions[name] = built  # the swap: new calls go to the new instances from here
+            self.models[name] = built[configs[-1].version]
             self.states.pop(name, None)
-            await self._tell(name, served)
-            if old is not None:
-                await self._retire(old)
-                log.info("model %s replaced (version %s -> %s)", name, old.config.version, config.version)
+            await self._tell(name, self.models[name])
+            for served in old.values():
+                await self._retire(served)
+            if old:
+                log.info("model %s replaced (versions %s -> %s)", name, ", ".join(old), ", ".join(built))
 
     async def unload_model(self, name: str) -> bool:
         """Unload a model (False if it was not loaded): no new calls, in-flight ones finish, memory is freed."""
         async with self._lock(name):
-            old = self.models.pop(name, None)
-            if old is None:
+            old = self.versions.pop(name, {})
+            if self.models.pop(name, None) is None:
                 return False
             self.states[name] = (UNLOADING, "")
             await self._tell(name, None)
-            await self._retire(old)
-            if old.config.execution == "process":
-                await self.workers.set_process_configs(self._process_configs(name, None))
+            for served in old.values():
+                await self._retire(served)
+            if any(s.config.execution == "process" for s in old.values()):
+                await self.workers.set_process_configs(self._process_configs(name, []))
             self.states[name] = (UNAVAILABLE, "unloaded")
             log.info("model %s unloaded", name)
             return True
@@ -215,7 +240,7 @@ class Engine:
         return self.workers.process_count if served.config.execution == "process" else self.workers.thread_count
 
     async def close(self) -> None:
-        for served in list(self.models.values()):
+        for served in [s for versions in list(self.versions.values()) for s in versions.values()]:
             if served.scheduler is not None:
                 await served.scheduler.close()
 
@@ -229,12 +254,17 @@ class Engine:
                 raise ModelNotFound(f"model '{name}' is not loaded ({reason or state.lower()})")
             raise ModelNotFound(f"model '{name}' not found (served: {', '.join(sorted(self.models))})")
         if version and version != served.config.version:
-            raise ModelNotFound(f"model '{name}' has no version '{version}' (served: {served.config.version})")
+            other = self.versions.get(name, {}).get(version)
+            if other is None:
+                known = ", ".join(self.versions.get(name, {})) or served.config.version
+                raise ModelNotFound(f"model '{name}' has no version '{version}' (served: {known})")
+            return other
         return served
 
     def statistics(self, name: str = "", version: str = "") -> list[ModelStats]:
         """The statistics of the model and version named (each empty: all of them)."""
-        served = [self.get(name, version)] if name else list(self.models.values())
+        names = [self.get(name, version).config.name] if name else list(self.versions)
+        served = [s for n in names for s in self.versions.get(n, {}).values()]
         return [s.stats for s in served if s.stats is not None and version in ("", s.config.version)]
 
     async def infer(
@@ -259,7 +289,7 @@ class Engine:
     def _successor(self, served: ServedModel) -> ServedModel:
         """The instance that replaced ``served`` (a call that looked it up before a swap); NOT_FOUND if unloaded."""
         name = served.config.name
-        current = self.models.get(name)
+        current = self.versions.get(name, {}).get(served.config.version) or self.models.get(name)
         if current is None:
             raise ModelNotFound(f"model '{name}' was unloaded")
         old, new = served.config, current.config

@@ -81,7 +81,7 @@ class InferenceServer:
     jobs: JobRunner | None = None
     control: ModelControl | None = None
     startup_models: list = field(default_factory=list)  # the configs loaded at start
-    ready_versions: dict[str, str] = field(default_factory=dict)  # model -> the version its ready metric is for
+    ready_versions: dict[str, set[str]] = field(default_factory=dict)  # model -> versions its ready metric is 1 for
 
     @property
     def health_names(self) -> list[str]:
@@ -95,14 +95,15 @@ class InferenceServer:
     async def model_changed(self, name: str, served: ServedModel | None) -> None:
         """A model started (``served``) or stopped (None) taking traffic: its health name, ready metric and load
         share follow, at start and at run time alike."""
-        previous = self.ready_versions.pop(name, None)
-        if previous is not None and (served is None or previous != served.config.version):
-            self.metrics.model_ready.labels(name, previous).set(0)
+        versions = self.engine.versions.get(name, {}) if served is not None else {}
+        for gone in self.ready_versions.pop(name, set()) - set(versions):
+            self.metrics.model_ready.labels(name, gone).set(0)
         if served is not None:
-            if served.scheduler is not None:
-                self.load_reporter.watch({name: served.scheduler})
-            self.metrics.model_ready.labels(name, served.config.version).set(1)
-            self.ready_versions[name] = served.config.version
+            for version, instance in versions.items():
+                if instance.scheduler is not None:
+                    self.load_reporter.watch({name: instance.scheduler})
+                self.metrics.model_ready.labels(name, version).set(1)
+            self.ready_versions[name] = set(versions)
             if self.jobs is not None:
                 self.jobs.follow(name)
             if self.engine.state is State.SERVING:  # at start, every name turns SERVING together

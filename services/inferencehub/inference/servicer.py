@@ -196,7 +196,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=config.name,
-            versions=[config.version],
+            versions=list(self.engine.versions.get(config.name) or [config.version]),
             platform=config.platform,
             inputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in config.inputs],
             outputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in config.outputs],
@@ -268,6 +268,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter()
         timing = Timing(received=time.perf_counter_ns())
         served = self.engine.models.get(request.model_name)
+        if served is not None and request.model_version:
+            served = self.engine.versions.get(request.model_name, {}).get(request.model_version)
         model = UNKNOWN_MODEL if served is None else request.model_name
         token = logs.request_id.set(caller_request_id(context, request.id))
         span = None if self.tracing is None else self._start_span(context)

@@ -30,6 +30,7 @@ BENCHMARKS = [
     "tracing",
     "balancing",
     "async_jobs",
+    "model_churn",
 ]
 
 

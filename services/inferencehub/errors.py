@@ -29,6 +29,18 @@ class ModelNotReady(InferenceHubError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
+class ModelLoadFailed(InferenceHubError):
+    """A model could not be loaded at run time (its config or files); what was serving before stays."""
+
+    status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelControlRefused(InferenceHubError):
+    """Load or unload asked of a replica whose model control mode does not allow it."""
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Overloaded(InferenceHubError):
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
 

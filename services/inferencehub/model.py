@@ -60,6 +60,23 @@ class Scheduling:
 
 
 @dataclass(frozen=True)
+class VersionPolicy:
+    """Which of a model's version folders (``1/``, ``2/``...) are served: Triton's ``version_policy``."""
+
+    kind: str = "latest"  # latest, all or specific
+    num_versions: int = 1  # latest: how many of the highest
+    versions: tuple[str, ...] = ()  # specific: which
+
+    def select(self, available: list[str]) -> list[str]:
+        ordered = sorted(available, key=int)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "specific":
+            return [v for v in ordered if v in self.versions]
+        return ordered[-self.num_versions :]
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     version: str
@@ -73,6 +90,7 @@ class ModelConfig:
     source: Path = Path("config.json")  # the config file, for error messages
     batching: Batching | None = None
     scheduling: Scheduling = field(default_factory=Scheduling)
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
 
 
 class Model:

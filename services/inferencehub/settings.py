@@ -16,16 +16,30 @@ from typing import Any, TypeVar
 ENV_PREFIX = "INFERENCEHUB_"
 T = TypeVar("T")
 _TYPES = {"int": int, "float": float, "str": str, "Path": Path}
+MODEL_CONTROL_MODES = ("none", "explicit", "poll")
 OTLP_HELP = (
     "OTLP/HTTP endpoint for traces, e.g. http://otel-collector:4318 (empty: tracing off unless "
     "OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is set)"
 )
 
 
-def setting(default: Any, help: str, flag: str = "", choices: tuple[str, ...] | None = None) -> Any:
+def setting(
+    default: Any, help: str, flag: str = "", choices: tuple[str, ...] | None = None, repeat: bool = False
+) -> Any:
     """A field; its flag is ``--field-name`` unless ``flag`` names another (the env var keeps the field's name);
-    ``choices`` limits its values."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+    ``choices`` limits its values; ``repeat``: a comma-separated list that the flag may also build up, one value
+    each time it is given (the flags replace the env var's list)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "repeat": repeat})
+
+
+class _Append(argparse.Action):
+    """``--load a --load b,c`` -> ``"a,b,c"``; the first use replaces the default (the env var's list)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        seen = f"_given_{self.dest}"
+        current = getattr(namespace, self.dest) if getattr(namespace, seen, False) else ""
+        setattr(namespace, seen, True)
+        setattr(namespace, self.dest, ",".join(v for v in (current, values) if v))
 
 
 def env_name(name: str) -> str:
@@ -46,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if choices and default not in choices:
             parser.error(f"{env}={default!r}: expected one of {', '.join(choices)}")
         shown = "" if f.default in (None, "") else f", default {f.default}"
+        extra: dict[str, Any] = {"action": _Append} if f.metadata.get("repeat") else {}
         parser.add_argument(
             f.metadata.get("flag") or "--" + f.name.replace("_", "-"),
             dest=f.name,
@@ -53,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             default=default,
             choices=choices,
             help=f"{f.metadata['help']} [env {env}{shown}]",
+            **extra,
         )
 
 
@@ -66,6 +82,16 @@ class InferenceSettings:
     port: int = setting(8081, "gRPC port (0: any free port)")
     metrics_port: int = setting(8082, "Prometheus metrics port (0: any free port)")
     models: Path | None = setting(None, "model repository folder (default: the shipped models)")
+    model_control_mode: str = setting(
+        "none",
+        "none: load every model at start, refuse load/unload; explicit: load the --load models at start, allow "
+        "load/unload; poll: load every model, reload those whose files change",
+        choices=MODEL_CONTROL_MODES,
+    )
+    load: str = setting(
+        "", "explicit mode: a model to load at start (repeat, or comma-separate; '*': all)", repeat=True
+    )
+    repository_poll_seconds: float = setting(5.0, "poll mode: how often the model repository is checked for changes")
     replica_name: str = setting("", "this replica's name in responses and logs (default: host name:port)")
     threads: int = setting(4, "threads for thread-executed models")
     processes: int = setting(0, "worker processes for process-executed models (0: one per CPU)")
@@ -179,6 +205,11 @@ class UpSettings:
     inference_port: int = setting(8081, "each replica's gRPC port (0: any free port)")
     inference_metrics_port: int = setting(8082, "each replica's metrics port (0: any free port)")
     models: Path | None = setting(None, "model repository folder (default: the shipped models)")
+    model_control_mode: str = setting(
+        "none", "each replica's model control mode (see inferencehub inference --help)", choices=MODEL_CONTROL_MODES
+    )
+    load: str = setting("", "explicit mode: a model each replica loads at start (repeat; '*': all)", repeat=True)
+    repository_poll_seconds: float = setting(5.0, "poll mode: how often each replica checks the model repository")
     nats_url: str = setting(
         "embedded",
         "job queue for async inference: 'embedded' starts a single-node NATS with JetStream in a temporary "

@@ -428,6 +428,8 @@ async def run(settings: UpSettings) -> int:
             metrics = settings.inference_metrics_port + step if settings.inference_metrics_port else 0
             name = f"inference-{i + 1}"
             args = ["--replica-name", name, "--models", str(models_dir), "--log-level", settings.log_level, *jobs]
+            args += ["--model-control-mode", settings.model_control_mode, "--load", settings.load]
+            args += ["--repository-poll-seconds", str(settings.repository_poll_seconds)]
 
             def spawn_replica(first, name=name, args=args, host=host, port=port, metrics=metrics) -> Child:
                 if first:  # a restart: where it was, so that the gateway finds it again

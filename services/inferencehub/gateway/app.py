@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import inferencehub
 from inferencehub import logs, tracing
 from inferencehub.errors import InferenceHubError, InvalidInput
-from inferencehub.gateway import jobs, rest, statistics
+from inferencehub.gateway import jobs, repository, rest, statistics
 from inferencehub.gateway.auth import Access
 from inferencehub.gateway.body_budget import BodyBudget, read_body
 from inferencehub.gateway.coalescer import Coalescer, coalescer_for
@@ -38,6 +38,7 @@ from inferencehub.gateway.status import Traffic, status
 from inferencehub.gateway.traced import traced_requests
 from inferencehub.gateway.upstream import Upstream, UpstreamError, channel_options
 from inferencehub.metadata import REPLICA_KEY
+from inferencehub.model_state import Desired
 from inferencehub.processes import announce
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.settings import GatewaySettings
@@ -262,6 +263,57 @@ async def model_statistics(request: web.Request) -> web.Response:
     return web.json_response(body, headers=headers)
 
 
+async def repository_index(request: web.Request) -> web.Response:
+    """Triton's repository index, merged over every replica (see ``gateway.repository``)."""
+    doc = repository.parse_body(await request.read(), repository.IndexRequest, "repository index")
+    if doc.repository_name:
+        return error_response(404, f"repository '{doc.repository_name}' not found: there is one (leave it out)")
+    return await repository.index(request.app[REPLICAS], doc.ready, deadline(request))
+
+
+def forget_model(app: web.Application, name: str) -> None:
+    """Drop what this gateway process cached about a model just loaded, replaced or unloaded (its batch size for
+    coalescing, its metadata for jobs); other gateway processes refresh theirs within their cache's lifetime."""
+    limits = getattr(app[COALESCER], "limits", None)
+    queue = app.get(jobs.JOBS)
+    for cache in (limits, getattr(queue, "metadata", None)):
+        if isinstance(cache, dict):
+            for key in [k for k in cache if k[0] == name]:
+                cache.pop(key, None)
+
+
+async def repository_load(request: web.Request) -> web.Response:
+    """Load (or reload) a model on every replica; an admin action when API keys are on."""
+    name = request.match_info["model"]
+    action = f"load of model '{name}'"
+    doc = repository.parse_body(await request.read(), repository.LoadRequest, action)
+    message = repository.load_request(name, doc.parameters)
+    replicas = request.app[REPLICAS]
+    response, succeeded = await repository.fan_out(replicas, "RepositoryModelLoad", message, deadline(request), action)
+    if succeeded:
+        forget_model(request.app, name)
+        config = doc.parameters.get("config")
+        desired = Desired(name, True, config if isinstance(config, str) else None)
+        await repository.remember(request.app.get(jobs.JOBS), desired, request.app[SETTINGS].jobs_replicas)
+    return response
+
+
+async def repository_unload(request: web.Request) -> web.Response:
+    """Unload a model on every replica; an admin action when API keys are on."""
+    name = request.match_info["model"]
+    action = f"unload of model '{name}'"
+    repository.parse_body(await request.read(), repository.LoadRequest, action)  # Triton's unload_dependents: no-op
+    message = pb.RepositoryModelUnloadRequest(model_name=name)
+    replicas = request.app[REPLICAS]
+    response, succeeded = await repository.fan_out(
+        replicas, "RepositoryModelUnload", message, deadline(request), action
+    )
+    if succeeded:
+        forget_model(request.app, name)
+        await repository.remember(request.app.get(jobs.JOBS), Desired(name, False), request.app[SETTINGS].jobs_replicas)
+    return response
+
+
 async def status_json(request: web.Request) -> web.Response:
     """The live status (README: "Live status"): replicas, the last minute's traffic, latency, errors."""
     replicas = request.app[REPLICAS]
@@ -338,6 +390,9 @@ def routes() -> list[web.RouteDef]:
         get("/v2/health/live", server_live),
         get("/v2/health/ready", server_ready),
         get("/v2/models/stats", model_statistics),  # before /v2/models/{model}
+        web.post("/v2/repository/index", repository_index, expect_handler=expect),
+        web.post("/v2/repository/models/{model}/load", repository_load, expect_handler=expect),
+        web.post("/v2/repository/models/{model}/unload", repository_unload, expect_handler=expect),
     ]
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         table += [

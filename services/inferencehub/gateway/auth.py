@@ -1,12 +1,14 @@
 """Who may call the gateway: API keys and per-client rate limits, as one aiohttp middleware.
 
 API keys (``--api-keys-file``): one key a line, either the key itself or ``sha256:<64 hex>`` (its SHA-256, so the
-file or Secret need not hold the keys), then optionally whitespace and a name used in logs and metrics; blank lines
-and ``#`` comments are skipped. Clients send ``Authorization: Bearer <key>``. The presented key is hashed and
-compared with every stored digest with ``hmac.compare_digest`` (constant time, no early exit). The key itself is
-never logged nor put in a metric; its name is. The file is re-read when its inode, size or mtime changes (checked
-at most once a second, on requests); a file that no longer parses, or holds no key, keeps the previous keys and
-logs a warning.
+file or Secret need not hold the keys), then optionally whitespace and a name used in logs and metrics, then
+(after a name, as the line's last word) optionally a role: ``admin`` (may also load and unload models,
+``POST /v2/repository/models/{m}/load|unload``) or ``user`` (the default: everything else); blank lines and ``#``
+comments are skipped. A non-admin key asking for an admin action gets 403 naming the action. Clients send
+``Authorization: Bearer <key>``. The presented key is hashed and compared with every stored digest with
+``hmac.compare_digest`` (constant time, no early exit). The key itself is never logged nor put in a metric; its
+name is. The file is re-read when its inode, size or mtime changes (checked at most once a second, on requests); a
+file that no longer parses, or holds no key, keeps the previous keys and logs a warning.
 
 Rate limits (``--rate-limit`` requests a second, ``--rate-limit-burst``): a token bucket per key name, or per
 client address when keys are off (the peer address: behind a proxy that is the proxy). Over the limit: 429 with
@@ -48,10 +50,15 @@ class KeyFileError(InferenceHubError):
     """An API key file that cannot be used (the message names the file and line, never a key)."""
 
 
+ROLES = ("user", "admin")
+ADMIN_PATH = re.compile(r"^/v2/repository/models/([^/]+)/(load|unload)$")  # admin actions: model control
+
+
 @dataclass(frozen=True)
 class Key:
     digest: bytes  # SHA-256 of the key
     name: str
+    role: str = "user"
 
 
 def parse_keys(text: str, source: str = "the API key file") -> list[Key]:
@@ -62,6 +69,10 @@ def parse_keys(text: str, source: str = "the API key file") -> list[Key]:
             continue
         token, *rest = line.split(None, 1)
         name = rest[0].strip() if rest else ""
+        role = "user"
+        words = name.rsplit(None, 1)
+        if len(words) == 2 and words[1] in ROLES:  # a name, then a role
+            name, role = words[0].rstrip(), words[1]
         if token.lower().startswith("sha256:"):
             match = HASHED.match(token)
             if match is None:
@@ -69,7 +80,7 @@ def parse_keys(text: str, source: str = "the API key file") -> list[Key]:
             digest = bytes.fromhex(match.group(1))
         else:
             digest = hashlib.sha256(token.encode()).digest()
-        keys.append(Key(digest, name or f"key-{digest.hex()[:8]}"))
+        keys.append(Key(digest, name or f"key-{digest.hex()[:8]}", role))
     if not keys:
         raise KeyFileError(f"{source} holds no key")
     return keys
@@ -105,12 +116,17 @@ class KeyRing:
 
     def name_of(self, presented: str) -> str | None:
         """The name of the key ``presented``, or None; the time taken does not depend on which key matched."""
+        key = self.key_of(presented)
+        return key.name if key is not None else None
+
+    def key_of(self, presented: str) -> Key | None:
+        """The key ``presented``, or None; the time taken does not depend on which key matched."""
         self.refresh()
         digest = hashlib.sha256(presented.encode()).digest()
         found = None
         for key in self.keys:
             if hmac.compare_digest(digest, key.digest) and found is None:
-                found = key.name
+                found = key
         return found
 
 
@@ -151,6 +167,12 @@ class AccessMetrics:
             "inferencehub_gateway_unauthenticated_requests",
             "Requests refused with 401, by reason (missing or invalid key).",
             ["reason"],
+            registry=registry,
+        )
+        self.refused_admin = Counter(
+            "inferencehub_gateway_forbidden_requests",
+            "Admin actions (model load/unload) refused with 403 to a key without the admin role, by key name.",
+            ["key"],
             registry=registry,
         )
         self.limited = Counter(
@@ -203,15 +225,20 @@ class Access:
                         "this gateway needs an API key: send Authorization: Bearer <key>",
                         {"WWW-Authenticate": REALM},
                     )
-                name = self.keys.name_of(presented)
-                if name is None:
+                key = self.keys.key_of(presented)
+                if key is None:
                     self.metrics.refused.labels("invalid").inc()
                     return error_response(
                         401,
                         "the API key is not valid",
                         {"WWW-Authenticate": f'{REALM}, error="invalid_token"'},
                     )
-                client = name
+                client = key.name
+                admin = ADMIN_PATH.match(request.path)
+                if admin is not None and key.role != "admin":
+                    self.metrics.refused_admin.labels(client).inc()
+                    action = f"{admin.group(2)} of model '{admin.group(1)}'"
+                    return error_response(403, f"{action} is an admin action: API key '{client}' is not an admin's")
             if self.buckets is not None:
                 wait = self.buckets.take(client if self.keys is not None else f"addr:{request.remote}")
                 if wait > 0:

@@ -40,6 +40,7 @@ FIXED_MESSAGES = {
     grpc.StatusCode.DEADLINE_EXCEEDED: "the inference service did not answer within the deadline",
 }
 RETRY_AFTER_SECONDS = "1"
+MODEL_DETAILS = "model '"  # how a replica's messages about one model begin
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -51,5 +52,7 @@ def upstream_error_response(code: grpc.StatusCode, details: str) -> web.Response
         return error_response(413, f"the request is too large for the inference service: {details}")
     status = HTTP_STATUS.get(code, 500)
     message = details if code in CALLER_DETAILS else FIXED_MESSAGES.get(code, f"inference failed ({code.name})")
+    if code is grpc.StatusCode.UNAVAILABLE and details.startswith(MODEL_DETAILS):
+        message = details  # a replica saying which model is not ready (loading, being replaced): worth passing on
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if status in (429, 503) else None
     return error_response(status, message, headers)

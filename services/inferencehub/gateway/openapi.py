@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 import inferencehub
-from inferencehub.gateway import schema
+from inferencehub.gateway import repository, schema
 from inferencehub.gateway.jobs import openapi_paths as openapi_job_paths
 
 REF = "#/components/schemas/{name}"
@@ -29,6 +29,7 @@ WHEN = {
     429: "the model's queue is full: retry after Retry-After seconds",
     500: "the model failed (its message), or an internal error",
     501: "the replica does not implement this",
+    403: "an admin action (load, unload) asked with an API key that is not an admin's",
     503: "no replica, the one running the call went away, or the body budget is full (Retry-After); not ready",
     504: "the deadline passed",
 }
@@ -144,9 +145,52 @@ def _model_paths(prefix: str) -> dict[str, Any]:
     }
 
 
+def _repository_paths() -> dict[str, Any]:
+    """Triton's model repository extension (gateway/repository.py): index, load and unload on every replica."""
+    done = {"description": "done on every replica (empty body)"}
+    model = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+
+    def post(summary: str, body: type, answers: dict[str, Any], params: list) -> dict[str, Any]:
+        content = {"application/json": {"schema": _ref(body)}}
+        return {
+            "post": {
+                "summary": summary,
+                "parameters": params,
+                "requestBody": {"required": False, "content": content},
+                "responses": answers,
+            }
+        }
+
+    index_ok = {
+        "description": "the models",
+        "content": {"application/json": {"schema": {"type": "array", "items": _ref(repository.IndexEntry)}}},
+    }
+    statuses = (400, 403, 404, 500, 501, 503, 504)
+    return {
+        "/v2/repository/index": post(
+            "Models in the repository and their state on every replica",
+            repository.IndexRequest,
+            {"200": index_ok, **_answers(None, 400, 403, 404, 500, 503, 504)},
+            UPSTREAM_HEADERS,
+        ),
+        "/v2/repository/models/{model}/load": post(
+            "Load or reload a model on every replica (admin; optional parameters.config: a JSON model config)",
+            repository.LoadRequest,
+            {"200": done, **_answers(None, *statuses)},
+            [*model, *UPSTREAM_HEADERS],
+        ),
+        "/v2/repository/models/{model}/unload": post(
+            "Unload a model on every replica (admin)",
+            repository.LoadRequest,
+            {"200": done, **_answers(None, *statuses)},
+            [*model, *UPSTREAM_HEADERS],
+        ),
+    }
+
+
 @cache
 def openapi_document() -> dict[str, Any]:
-    _, components = msgspec.json.schema_components(schema.SCHEMAS, ref_template=REF)
+    _, components = msgspec.json.schema_components((*schema.SCHEMAS, *repository.SCHEMAS), ref_template=REF)
     text = {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
     return {
         "openapi": "3.1.0",
@@ -171,6 +215,7 @@ def openapi_document() -> dict[str, Any]:
             **_model_paths("/v2/models/{model}"),
             **_model_paths("/v2/models/{model}/versions/{version}"),
             **openapi_job_paths(),
+            **_repository_paths(),
         },
         "components": {"schemas": components},
     }

@@ -26,6 +26,7 @@ instead of failing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -94,8 +95,9 @@ class JobRunner:
         self.kv = None
         self.stopping = False
         self.loops: list[asyncio.Task] = []
-        self.held: dict[str, set[asyncio.Task]] = {name: set() for name in engine.models}
-        self.freed: dict[str, asyncio.Event] = {name: asyncio.Event() for name in engine.models}
+        self.held: dict[str, set[asyncio.Task]] = collections.defaultdict(set)
+        self.freed: dict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
+        self.bound: set[str] = set()  # models whose jobs are pulled (those loaded since start too)
         self.starter: asyncio.Task | None = None
         self.binding: asyncio.Task | None = None  # creating the consumers again
 
@@ -127,7 +129,7 @@ class JobRunner:
         if subscriptions is None:
             return
         for name, subscription in subscriptions.items():
-            self.loops.append(asyncio.create_task(self._pull(self.engine.models[name], subscription), name=name))
+            self.loops.append(asyncio.create_task(self._pull(name, subscription), name=name))
         log.info("jobs: pulling for %s from NATS at %s", ", ".join(subscriptions), self.url)
 
     def consumer_config(self, name: str):
@@ -147,10 +149,11 @@ class JobRunner:
         if not await self._create_consumers():
             return None
         subscriptions = {}
-        for name in self.engine.models:
+        for name in [n for n in self.engine.models if n not in self.bound]:  # see follow()
             subscriptions[name] = await self.js.pull_subscribe_bind(
                 durable=jobqueue.consumer_name(name), stream=jobqueue.STREAM
             )
+        self.bound.update(subscriptions)
         return subscriptions
 
     def rebind(self) -> None:
@@ -167,7 +170,7 @@ class JobRunner:
             try:
                 self.kv = await self.js.key_value(jobqueue.BUCKET)
                 await self.js.stream_info(jobqueue.STREAM)
-                for name in self.engine.models:
+                for name in list(self.engine.models):  # those loaded since start too (see follow())
                     await self.js.add_consumer(jobqueue.STREAM, self.consumer_config(name))
                 if warned:
                     log.info("jobs: stream %s, bucket %s and consumers ready again", jobqueue.STREAM, jobqueue.BUCKET)
@@ -185,6 +188,29 @@ class JobRunner:
                 await asyncio.sleep(0.5)
         return False
 
+    async def _subscribe(self, name: str):
+        config = self.consumer_config(name)
+        await self.js.add_consumer(jobqueue.STREAM, config)
+        return await self.js.pull_subscribe_bind(durable=config.durable_name, stream=jobqueue.STREAM)
+
+    def follow(self, name: str) -> None:
+        """A model loaded at run time: pull its jobs too. (An unloaded model's loop idles: its jobs wait in the
+        stream for a replica that serves it; a replaced model's loop goes on with the new instance.)"""
+        if name in self.bound or self.kv is None or self.stopping:
+            return  # pulled already, or not bound yet (the bind takes every model loaded by then)
+        self.bound.add(name)
+        self.loops.append(asyncio.create_task(self._follow(name), name=name))
+
+    async def _follow(self, name: str) -> None:
+        try:
+            subscription = await self._subscribe(name)
+        except Exception as exc:
+            self.bound.discard(name)
+            log.warning("jobs: cannot pull for %s, loaded at run time (%s)", name, exc or type(exc).__name__)
+            return
+        log.info("jobs: pulling for %s too", name)
+        await self._pull(name, subscription)
+
     def limit(self, served: ServedModel) -> int:
         if self.settings.jobs_per_model > 0:
             return self.settings.jobs_per_model
@@ -198,12 +224,12 @@ class JobRunner:
         held = len(self.held[served.config.name])
         return min(self.limit(served) - held, scheduler.max_queue - len(scheduler.queue))
 
-    async def _pull(self, served: ServedModel, subscription) -> None:
+    async def _pull(self, name: str, subscription) -> None:
         from nats.errors import TimeoutError as NatsTimeout
 
-        name = served.config.name
         while not self.stopping:
-            room = self.room(served)
+            served = self.engine.models.get(name)  # the instance serving now (models are replaced and unloaded)
+            room = self.room(served) if served is not None else 0
             if room <= 0:
                 self.freed[name].clear()
                 with contextlib.suppress(TimeoutError):
@@ -225,7 +251,7 @@ class JobRunner:
                     with contextlib.suppress(Exception):
                         await message.nak()
                     continue
-                task = asyncio.create_task(self._handle(served, message))
+                task = asyncio.create_task(self._handle(served, message))  # type: ignore[arg-type]
                 self.held[name].add(task)
                 self.metrics.held.labels(name).set(len(self.held[name]))
                 task.add_done_callback(lambda t, name=name: self._done(name, t))

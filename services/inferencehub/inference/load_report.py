@@ -149,6 +149,10 @@ class LoadReporter:
             self.shares[name] = share
             scheduler.on_busy = lambda delta, share=share: self._busy.add(delta * share)
 
+    def forget(self, name: str) -> None:
+        """A model was unloaded: its calls no longer count (a call still finishing ends with the share it began)."""
+        self.shares.pop(name, None)
+
     # --- the hot path -----------------------------------------------------------------------
 
     def begin(self, model: str) -> float:

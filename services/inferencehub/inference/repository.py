@@ -20,7 +20,7 @@ from typing import Any
 
 from inferencehub.errors import ConfigError
 from inferencehub.inference import runtimes
-from inferencehub.model import Batching, ModelConfig, Scheduling, TensorSpec
+from inferencehub.model import Batching, ModelConfig, Scheduling, TensorSpec, VersionPolicy
 from inferencehub.tensors import DATATYPES
 
 SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "model_repository"
@@ -37,6 +37,7 @@ TOP_LEVEL_FIELDS = {
     "execution",
     "batching",
     "scheduling",
+    "version_policy",
 }
 EXECUTIONS = ("thread", "process")
 
@@ -82,7 +83,10 @@ def parse_config(raw: Any, source: Path) -> ModelConfig:
     name = raw.get("name")
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise fail("name", "expected a model name of letters, digits, '_', '.' or '-'")
-    version = raw.get("version", "1")
+    versioned = version_folders(source.parent)
+    if versioned and "version" in raw:
+        raise fail("version", f"the folder has version folders ({', '.join(versioned)}/): they name the versions")
+    version = raw.get("version", versioned[-1] if versioned else "1")
     if isinstance(version, int) and not isinstance(version, bool):
         version = str(version)
     if not isinstance(version, str) or not NAME_PATTERN.match(version):
@@ -116,12 +120,80 @@ def parse_config(raw: Any, source: Path) -> ModelConfig:
         directory=source.parent.resolve(),
         source=source,
         scheduling=_scheduling(raw.get("scheduling"), fail),
+        version_policy=_version_policy(raw.get("version_policy"), fail),
     )
+    if versioned:  # each version's model file is in its own folder: described and resolved in expand()
+        return replace(config, batching=_batching(raw.get("batching"), config.inputs, config.outputs, fail))
     if runtime.describe is not None:
         config = runtime.describe(config)  # inputs and outputs as the model file says them
     config = replace(config, batching=_batching(raw.get("batching"), config.inputs, config.outputs, fail))
     runtime.resolve(config)  # validates the runtime's parameters
     return config
+
+
+def version_folders(folder: Path) -> list[str]:
+    """A model folder's version folders (``1/``, ``2/``...), in numeric order; none: the model has one version."""
+    try:
+        return sorted((d.name for d in folder.iterdir() if d.is_dir() and d.name.isdigit()), key=int)
+    except OSError:
+        return []
+
+
+def expand(config: ModelConfig) -> list[ModelConfig]:
+    """The configs of the versions to serve: one per version folder the policy selects (its files in that folder),
+    or the config itself for a folder without version folders. Blocking (reads the folder): run in a thread."""
+    available = version_folders(config.directory)
+    if not available:
+        return [config]
+    chosen = config.version_policy.select(available)
+    if not chosen:
+        raise ConfigError(f"{config.source}: version_policy: selects none of the versions ({', '.join(available)})")
+    if config.execution == "process" and len(chosen) > 1:
+        raise ConfigError(f"{config.source}: version_policy: a process-executed model serves one version at a time")
+    configs = []
+    for version in chosen:
+        one = replace(config, version=version, directory=config.directory / version)
+        runtime = runtimes.RUNTIMES[one.runtime]
+        if runtime.describe is not None:
+            one = runtime.describe(one)  # inputs and outputs as this version's model file says them
+            _check_batch_dimension(one)
+        runtime.resolve(one)
+        configs.append(one)
+    return configs
+
+
+def _version_policy(raw: Any, fail) -> VersionPolicy:
+    example = '{"latest": {"num_versions": 2}}, {"all": {}} or {"specific": {"versions": [1, 3]}}'
+    if raw is None:
+        return VersionPolicy()
+    if not isinstance(raw, dict) or len(raw) != 1:
+        raise fail("version_policy", f"expected one of {example}")
+    kind, value = next(iter(raw.items()))
+    if kind == "all" and value == {}:
+        return VersionPolicy("all")
+    if kind == "latest" and isinstance(value, dict) and set(value) == {"num_versions"}:
+        if not _integer(value["num_versions"], 1):
+            raise fail("version_policy.latest.num_versions", "expected an integer >= 1")
+        return VersionPolicy("latest", value["num_versions"])
+    if kind == "specific" and isinstance(value, dict) and set(value) == {"versions"}:
+        versions = value["versions"]
+        if not isinstance(versions, list) or not versions or not all(_integer(v, 0) for v in versions):
+            raise fail("version_policy.specific.versions", "expected a non-empty list of version numbers")
+        return VersionPolicy("specific", versions=tuple(str(v) for v in versions))
+    raise fail("version_policy", f"expected one of {example}")
+
+
+def _check_batch_dimension(config: ModelConfig) -> None:
+    """A batching model's tensors, as its file describes them, must batch along their first dimension."""
+    if config.batching is None:
+        return
+    for key, specs in (("inputs", config.inputs), ("outputs", config.outputs)):
+        for i, spec in enumerate(specs):
+            if spec.shape[0] != -1:
+                raise ConfigError(
+                    f"{config.source}: {key}[{i}].shape: batching stacks requests along the first dimension: "
+                    f"it must be -1 (the model file in {config.directory} says {list(spec.shape)})"
+                )
 
 
 def _tensors(raw: dict, key: str, fail, optional: bool = False) -> tuple[TensorSpec, ...]:

@@ -103,10 +103,22 @@ class ModelScheduler:
         self.arrived.set()
         return await pending.future  # a caller that goes away cancels this future; the dispatcher skips it
 
+    async def drained(self, timeout: float) -> bool:
+        """Wait (up to ``timeout`` seconds) until nothing is queued or running; False if time ran out."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.queue or self.busy:
+            if loop.time() >= end:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
     async def close(self) -> None:
         self.dispatcher.cancel()
         for task in list(self.running):
             task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.dispatcher
         while self.queue:
             pending = self.queue.popleft()
             if not pending.future.done():

@@ -15,19 +15,20 @@ import asyncio
 import logging
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from inferencehub import tls, tracing
+from inferencehub import model_state, tls, tracing
 from inferencehub.errors import InferenceHubError
-from inferencehub.inference.engine import Engine, State
+from inferencehub.inference.control import ModelControl
+from inferencehub.inference.engine import Engine, ServedModel, State
 from inferencehub.inference.jobs import JobRunner
 from inferencehub.inference.load_report import LoadReporter
 from inferencehub.inference.metrics import InferenceMetrics
-from inferencehub.inference.repository import SHIPPED_MODELS, load_repository
+from inferencehub.inference.repository import SHIPPED_MODELS
 from inferencehub.inference.servicer import SERVICE_NAME, InferenceServicer
 from inferencehub.inference.streams import HealthServicer, ReflectionServicer
 from inferencehub.inference.workers import Workers, cpu_count
@@ -104,6 +105,9 @@ class InferenceServer:
     health_port: int | None = None
     tracing: tracing.Tracing | None = None
     jobs: JobRunner | None = None
+    control: ModelControl | None = None
+    startup_models: list = field(default_factory=list)  # the configs loaded at start
+    ready_versions: dict[str, set[str]] = field(default_factory=dict)  # model -> versions its ready metric is 1 for
 
     @property
     def health_names(self) -> list[str]:
@@ -114,11 +118,32 @@ class InferenceServer:
         for name in self.health_names:
             await self.health.set(name, status)
 
+    async def model_changed(self, name: str, served: ServedModel | None) -> None:
+        """A model started (``served``) or stopped (None) taking traffic: its health name, ready metric and load
+        share follow, at start and at run time alike."""
+        versions = self.engine.versions.get(name, {}) if served is not None else {}
+        for gone in self.ready_versions.pop(name, set()) - set(versions):
+            self.metrics.model_ready.labels(name, gone).set(0)
+        if served is not None:
+            for version, instance in versions.items():
+                if instance.scheduler is not None:
+                    self.load_reporter.watch({name: instance.scheduler})
+                self.metrics.model_ready.labels(name, version).set(1)
+            self.ready_versions[name] = set(versions)
+            if self.jobs is not None:
+                self.jobs.follow(name)
+            if self.engine.state is State.SERVING:  # at start, every name turns SERVING together
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            return
+        self.load_reporter.forget(name)
+        await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def load(self) -> None:
-        await self.engine.load()
-        self.load_reporter.watch({name: s.scheduler for name, s in self.engine.models.items() if s.scheduler})
-        for served in self.engine.models.values():
-            self.metrics.model_ready.labels(served.config.name, served.config.version).set(1)
+        assert self.control is not None
+        shared = None
+        if self.settings.nats_url and self.control.mode == "explicit":
+            shared = await model_state.read(self.settings.nats_url)  # None (logged) if NATS does not answer
+        await self.control.start(self.startup_models, shared)
         await self.set_health(True)
         log.info("replica %s ready: %s", self.replica, ", ".join(self.engine.models))
         if self.settings.nats_url:
@@ -140,6 +165,8 @@ class InferenceServer:
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.load_reporter.stop()
+        if self.control is not None:
+            await self.control.stop()
         if jobs is not None:
             await jobs
         await self.engine.close()
@@ -163,11 +190,14 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     credentials = tls.server_credentials(settings) if secure else None  # bad TLS files stop start-up here
     client_names = tls.client_names(settings)
     tracer = tracing.setup("inferencehub-inference", settings.otlp_endpoint)  # a bad configuration stops us here
-    configs = load_repository(settings.models or SHIPPED_MODELS)
-    processes = settings.processes or cpu_count()
-    workers = Workers(settings.threads, processes, [c for c in configs if c.execution == "process"])
+    repository = settings.models or SHIPPED_MODELS
+    workers = Workers(settings.threads, settings.processes or cpu_count())
     metrics = InferenceMetrics()
-    engine = Engine(configs, workers, metrics)
+    engine = Engine(workers, metrics, drain_seconds=settings.grace_seconds)
+    control = ModelControl(
+        engine, repository, settings.model_control_mode, settings.load, settings.repository_poll_seconds
+    )
+    configs = control.initial()  # a bad repository stops start-up here, before listening
 
     server = grpc.aio.server(
         options=options,
@@ -190,7 +220,7 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     streams_stopping = asyncio.Event()
     health = HealthServicer(streams_stopping)
     load_reporter = LoadReporter(replica, cpus=cpu_count(), worker_pids=lambda: worker_pids(workers))
-    servicer = InferenceServicer(engine, metrics, replica, tracer, load_reporter)
+    servicer = InferenceServicer(engine, metrics, replica, tracer, load_reporter, control)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
@@ -207,9 +237,14 @@ async def start(settings: InferenceSettings) -> InferenceServer:
         replica,
         load_reporter,
         tracing=tracer,
+        control=control,
+        startup_models=configs,
     )
+    engine.listener = instance.model_changed
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await instance.set_health(False)
+    for config in configs:  # each model's name is known, and NOT_SERVING, while it loads
+        await health.set(config.name, health_pb2.HealthCheckResponse.NOT_SERVING)
     if settings.health_port >= 0:
         instance.health_server, instance.health_port = await _health_only_server(settings, health)
     await server.start()

@@ -16,6 +16,7 @@ import numpy as np
 import inferencehub
 from inferencehub import logs
 from inferencehub.errors import InferenceHubError, InvalidInput
+from inferencehub.inference.control import ModelControl
 from inferencehub.inference.engine import Engine, ServedModel
 from inferencehub.inference.load_report import LoadReporter
 from inferencehub.inference.metrics import UNKNOWN_MODEL, InferenceMetrics
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # The protocol extensions this replica serves over gRPC (the gateway adds its HTTP-only ones).
-EXTENSIONS = ("model_configuration", "statistics")
+EXTENSIONS = ("model_configuration", "statistics", "model_repository")
 
 
 def decode_inputs(request: pb.ModelInferRequest, served: ServedModel) -> dict[str, np.ndarray]:
@@ -130,8 +131,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         replica: str,
         tracing: Tracing | None = None,
         load: LoadReporter | None = None,
+        control: ModelControl | None = None,
     ) -> None:
         self.engine = engine
+        self.control = control
         self.metrics = metrics
         self.replica = replica
         self.tracing = tracing
@@ -171,6 +174,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise  # abort raises; this line only tells readers and type checkers so
 
     async def ModelReady(self, request, context):
+        if request.name not in self.engine.models and await self._known(request.name):
+            context.set_trailing_metadata(self.replica_metadata)
+            return pb.ModelReadyResponse(ready=False)  # in the repository, not loaded (or loading): not ready
         served = await self._served(request, context)
         return pb.ModelReadyResponse(ready=self.engine.ready and served.ready)
 
@@ -180,12 +186,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name="inferencehub", version=inferencehub.__version__, extensions=list(EXTENSIONS)
         )
 
+    async def _known(self, name: str) -> bool:
+        if name in self.engine.states:
+            return True
+        return self.control is not None and any(row[0] == name for row in await self.control.index())
+
     async def ModelMetadata(self, request, context):
         config = (await self._served(request, context)).config
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=config.name,
-            versions=[config.version],
+            versions=list(self.engine.versions.get(config.name) or [config.version]),
             platform=config.platform,
             inputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in config.inputs],
             outputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in config.outputs],
@@ -205,10 +216,60 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         return pb.ModelStatisticsResponse(model_stats=[s.message() for s in stats])
 
+    # --- Triton's model repository extension ------------------------------------------------
+
+    async def _control(self, request, context) -> ModelControl:
+        context.set_trailing_metadata(self.replica_metadata)
+        if self.control is None:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "this replica has no model control", self.replica_metadata
+            )
+        if request.repository_name:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"repository '{request.repository_name}' not found: this replica has one (leave repository_name empty)",
+                self.replica_metadata,
+            )
+        assert self.control is not None
+        return self.control
+
+    async def RepositoryIndex(self, request, context):
+        control = await self._control(request, context)
+        entry = pb.RepositoryIndexResponse.ModelIndex
+        rows = await control.index(request.ready)
+        return pb.RepositoryIndexResponse(
+            models=[
+                entry(name=name, version=version, state=state, reason=reason) for name, version, state, reason in rows
+            ]
+        )
+
+    async def RepositoryModelLoad(self, request, context):
+        control = await self._control(request, context)
+        parameters = {
+            key: getattr(p, p.WhichOneof("parameter_choice") or "string_param") for key, p in request.parameters.items()
+        }
+        try:
+            await control.load(request.model_name, parameters)
+        except InferenceHubError as exc:
+            log.warning("RepositoryModelLoad %s: %s: %s", request.model_name, exc.status.name, exc)
+            await context.abort(exc.status, str(exc), self.replica_metadata)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        control = await self._control(request, context)
+        try:
+            await control.unload(request.model_name)
+        except InferenceHubError as exc:
+            log.warning("RepositoryModelUnload %s: %s: %s", request.model_name, exc.status.name, exc)
+            await context.abort(exc.status, str(exc), self.replica_metadata)
+        return pb.RepositoryModelUnloadResponse()
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         timing = Timing(received=time.perf_counter_ns())
         served = self.engine.models.get(request.model_name)
+        if served is not None and request.model_version:
+            served = self.engine.versions.get(request.model_name, {}).get(request.model_version)
         model = UNKNOWN_MODEL if served is None else request.model_name
         token = logs.request_id.set(caller_request_id(context, request.id))
         span = None if self.tracing is None else self._start_span(context)

@@ -89,32 +89,55 @@ def cpu_count() -> int:
 
 
 class Workers:
-    def __init__(self, threads: int, processes: int, process_configs: list[ModelConfig]) -> None:
+    def __init__(self, threads: int, processes: int) -> None:
         self.thread_count = max(1, threads)
         self.threads = ThreadPoolExecutor(self.thread_count, thread_name_prefix="model")
         self.process_count = max(1, processes)
-        self.process_configs = process_configs
+        self.process_configs: list[ModelConfig] = []
         self.processes: ProcessPoolExecutor | None = None
         self.costs: dict[str, Cost] = {}
 
-    def _new_process_pool(self) -> ProcessPoolExecutor:
+    def _new_process_pool(self, configs: list[ModelConfig] | None = None) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
             self.process_count,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.process_configs, os.getpid()),
+            initargs=(self.process_configs if configs is None else configs, os.getpid()),
         )
 
-    async def start(self) -> None:
+    async def start(self, process_configs: list[ModelConfig] | None = None) -> None:
         """Start the worker processes and load the process models in each (errors propagate)."""
-        if not self.process_configs:
-            return
-        self.processes = self._new_process_pool()
-        loop = asyncio.get_running_loop()
-        pids = await asyncio.gather(
-            *(loop.run_in_executor(self.processes, _worker_warm_up) for _ in range(self.process_count))
-        )
-        log.info("%d worker process(es) ready for %s", len(set(pids)), ", ".join(c.name for c in self.process_configs))
+        await self.set_process_configs(process_configs or [])
+
+    async def set_process_configs(self, configs: list[ModelConfig]) -> None:
+        """Serve exactly ``configs`` in the worker processes (a model loaded, replaced or unloaded at run time).
+
+        Each worker holds a copy of every process model, and a pool cannot load into or free from each of its
+        workers in turn: so a new pool is started and warmed up (a model that fails to load raises here, and
+        the old pool stays), new calls go to it, and the old pool's processes exit once their calls are done,
+        freeing their copies. No process model left: no pool at all.
+        """
+        old = self.processes
+        if not configs:
+            self.processes, self.process_configs = None, []
+        else:
+            pool = self._new_process_pool(configs)
+            loop = asyncio.get_running_loop()
+            try:
+                pids = await asyncio.gather(
+                    *(loop.run_in_executor(pool, _worker_warm_up) for _ in range(self.process_count))
+                )
+            except BaseException:
+                await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
+                raise
+            self.processes, self.process_configs = pool, list(configs)
+            log.info("%d worker process(es) ready for %s", len(set(pids)), ", ".join(c.name for c in configs))
+        if old is not None:
+            await asyncio.to_thread(old.shutdown, True)  # its queued and running calls finish first
+
+    def forget(self, name: str) -> None:
+        """Drop what was kept about a model that is unloaded."""
+        self.costs.pop(name, None)
 
     async def load(self, config: ModelConfig) -> Model | None:
         """Load a loop or thread model here (in a thread, so the loop stays free); process models load in workers."""

@@ -34,7 +34,7 @@ def in_process_only() -> Iterator[None]:
     assert not loaded, f"the unit tier imported {loaded[0]}: its protobuf symbols clash with inferencehub.protocol"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run():
     """Run a coroutine to completion on a fresh event loop (the tier needs no asyncio plugin)."""
 
@@ -44,7 +44,7 @@ def run():
     return run
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def infer_request():
     """A ``ModelInferRequest`` from ``(name, datatype, shape, raw)`` inputs, every input in raw form."""
 

@@ -26,6 +26,7 @@ run: $(MODELS)
 	$(VENV)/bin/inferencehub up --models build/models
 
 test: lint tools
+	$(PY) -m pytest tests/unit -q -p no:cacheprovider
 	$(PY) -m pytest
 
 # Both images built with podman and run together as compose.yaml declares (root; ~5 minutes, first run longer).

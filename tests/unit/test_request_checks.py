@@ -97,6 +97,24 @@ def test_the_job_queue_checks_the_batch_limit():
         check_request(message, metadata(), max_batch_size=8)
 
 
+@pytest.mark.parametrize(
+    ("shape", "spec", "fits"),
+    [
+        ((2, 4), (-1, 4), True),
+        ((0, 4), (-1, 4), True),
+        ((2, 4), (2, 4), True),
+        ((), (), True),
+        ((0, 4), (2, 4), False),
+        ((2, 5), (-1, 4), False),
+        ((8,), (-1, 4), False),
+        ((2, 4, 1), (-1, 4), False),
+        ((), (-1,), False),
+    ],
+)
+def test_shape_matches(shape, spec, fits):
+    assert shape_matches(shape, TensorSpec("t", "FP32", spec)) is fits
+
+
 specs = st.lists(st.sampled_from([-1, 1, 2, 3]), min_size=0, max_size=4)
 shapes = st.lists(st.integers(0, 3), min_size=0, max_size=4)
 

@@ -15,8 +15,13 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
+
+# Properties are checked on shared, loaded machines: an example that takes long is slow, not wrong.
+settings.register_profile("unit", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("unit")
 
 
 def _no_network(*args, **kwargs):

@@ -62,6 +62,19 @@ VALUE_SETS = {
         "--set-json",
         json.dumps(MODELS_VALUES["inference"]["models"]).join(["inference.models=", ""]),
     ],
+    # Models from a volume claim, loaded explicitly; models from an image, polled.
+    "pvc-models": [
+        "--set",
+        "inference.models.persistentVolumeClaim.claimName=models,inference.models.persistentVolumeClaim.subPath=v1",
+        "--set",
+        "inference.modelControl.mode=explicit,inference.modelControl.load={iris,digits}",
+    ],
+    "image-models": [
+        "--set",
+        "inference.models.image.repository=registry.example.com/models,inference.models.image.tag=2024.1",
+        "--set",
+        "inference.modelControl.mode=poll,inference.modelControl.pollSeconds=10",
+    ],
     # Every optional object and pod setting at once.
     "everything": [
         "--set",
@@ -898,3 +911,63 @@ def test_an_unrestricted_gateway_has_one_open_rule(rendered):
     policy = gateway_policy(rendered["networkpolicy"])
     assert policy["spec"]["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
     assert admits(policy, {"anything": "x"}, {"kubernetes.io/metadata.name": "anywhere"})
+
+
+# --- where models come from, and model control -----------------------------------------------------------
+
+
+def inference_pod(objects: list[dict]) -> dict:
+    return one(objects, "Deployment", "inference")["spec"]["template"]["spec"]
+
+
+def test_models_come_from_the_image_by_default_with_every_model_loaded(rendered):
+    deployment = one(rendered["defaults"], "Deployment", "inference")
+    env = container_env(deployment)
+    assert "INFERENCEHUB_MODELS" not in env and "INFERENCEHUB_LOAD" not in env
+    assert env["INFERENCEHUB_MODEL_CONTROL_MODE"] == "none"
+    pod = inference_pod(rendered["defaults"])
+    assert "initContainers" not in pod and all(v["name"] != "models" for v in pod["volumes"])
+
+
+def test_models_from_a_volume_claim_are_mounted_read_only_and_loaded_explicitly(rendered):
+    objects = rendered["pvc-models"]
+    pod = inference_pod(objects)
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "models"]
+    assert volume["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "models"]
+    assert mount == {"name": "models", "mountPath": "/models", "readOnly": True, "subPath": "v1"}
+    env = container_env(one(objects, "Deployment", "inference"))
+    assert env["INFERENCEHUB_MODELS"] == "/models"
+    assert env["INFERENCEHUB_MODEL_CONTROL_MODE"] == "explicit" and env["INFERENCEHUB_LOAD"] == "iris,digits"
+
+
+def test_models_from_an_image_are_copied_by_an_init_container(rendered):
+    objects = rendered["image-models"]
+    pod = inference_pod(objects)
+    (init,) = pod["initContainers"]
+    assert init["image"] == "registry.example.com/models:2024.1"
+    # The image's repository is copied into the emptyDir, mounted elsewhere than the image's own /models.
+    assert init["command"] == ["cp", "-R", "/models/.", "/repository/"]
+    assert init["volumeMounts"] == [{"name": "models", "mountPath": "/repository"}]
+    assert init["securityContext"]["runAsNonRoot"] and init["securityContext"]["readOnlyRootFilesystem"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "models"]
+    assert volume == {"name": "models", "emptyDir": {}}
+    env = container_env(one(objects, "Deployment", "inference"))
+    assert env["INFERENCEHUB_MODELS"] == "/models" and env["INFERENCEHUB_MODEL_CONTROL_MODE"] == "poll"
+    assert env["INFERENCEHUB_REPOSITORY_POLL_SECONDS"] == "10"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            ["--set", "inference.models.image.repository=x,inference.models.persistentVolumeClaim.claimName=y"],
+            "choose one source of models",
+        ),
+        (["--set", "inference.modelControl.load={iris}"], "modelControl.load names models to load at start"),
+        (["--set", "inference.modelControl.mode=sometimes"], "mode"),
+    ],
+)
+def test_contradictory_model_values_are_refused(values, message):
+    done = helm("helm3", "template", RELEASE, str(CHART), *values, check=False)
+    assert done.returncode != 0 and message in done.stderr, done.stderr

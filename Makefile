@@ -25,9 +25,14 @@ models: $(MODELS)
 run: $(MODELS)
 	$(VENV)/bin/inferencehub up --models build/models
 
-test: lint tools
+test: lint tools docs
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider
 	$(PY) -m pytest
+
+# The docs site (mkdocs.yml), strict: a broken link or anchor fails it. build/ is not committed.
+.PHONY: docs
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 # Both images built with podman and run together as compose.yaml declares (root; ~5 minutes, first run longer).
 test-containers: $(STAMP)

@@ -6,7 +6,7 @@
 repository stores only the readout) -> 10 classes, the readout fitted by ridge regression on one-hot
 targets. The hidden layers are wide so that one call reads ~64 MB of weights: a single row is bound by
 weight reads, and batching rows amortises them. Every 5th row of data/digits.csv is held out; the script
-prints the accuracy on both splits (the README states the held-out one; a test checks it through the server).
+prints the accuracy on both splits (docs/models.md states the held-out one; a test checks it through the server).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 Deterministic (seed 0). Every 5th row (rows 4, 9, 14, ...) is held out for testing;
 the rest is for training. Writes the weights to the model's folder and prints the
-accuracy on both splits (the README states the held-out one, and a test checks it
+accuracy on both splits (docs/models.md states the held-out one, and a test checks it
 through the running server).
 """
 

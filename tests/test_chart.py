@@ -559,7 +559,7 @@ def test_kind_path_files():
     makefile = (ROOT / "Makefile").read_text()
     for target in ("kind-up", "kind-demo", "kind-down", "minikube-up"):
         assert target in makefile
-    # `make kind-up` (the README's command) runs the script's `kind up` step.
+    # `make kind-up` (the command docs/kubernetes.md gives) runs the script's `kind up` step.
     dry = subprocess.run(["make", "-n", "kind-up"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert dry.returncode == 0 and "scripts/k8s.sh kind up" in dry.stdout, dry.stdout + dry.stderr
 

@@ -116,9 +116,9 @@ def curl(*args: str) -> str:
 
 
 def readme_job_commands() -> tuple[list[str], list[str]]:
-    """The async section's curl commands: the runnable ones (sh) and those that take a JOB_ID (text)."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Async inference", 1)[1].split("\n## ", 1)[0]
+    """The async jobs page's curl commands: the runnable ones (sh) and those that take a JOB_ID (text)."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "jobs.md").read_text()
+    section = page.split("# Async inference", 1)[1].split("\n## ", 1)[0]
     sh = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
     text = re.search(r"```text\n(.*?)```", section, re.S).group(1)
     return [c for c in sh.splitlines() if c.startswith("curl")], [c for c in text.splitlines() if c.startswith("curl")]

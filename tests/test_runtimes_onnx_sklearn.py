@@ -240,7 +240,7 @@ def test_answers_equal_the_libraries_own(built, repo, stub):
     assert (got["predict"] == label).mean() > 0.97  # the ONNX export agrees with the pipeline it came from
     truth = np.array([("setosa", "versicolor", "virginica").index(s) for s in species])
     held_out = np.arange(len(x)) % 5 == 4
-    assert (got["predict"][held_out] == truth[held_out]).sum() == 28  # the README's 93.3% (28 of 30)
+    assert (got["predict"][held_out] == truth[held_out]).sum() == 28  # the docs' 93.3% (28 of 30)
 
     rows = x.astype(np.float64)
     got = infer(stub, "iris-sklearn-bare", "input", rows, ["predict_proba"])

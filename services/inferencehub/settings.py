@@ -46,9 +46,19 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+def optional_path(value: str) -> Path | None:
+    """An optional path setting: empty means unset (``Path("")`` would be the current folder)."""
+    return Path(value) if value else None
+
+
+optional_path.__name__ = "path"  # as argparse and the env var errors name the expected type
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in fields(cls):
         convert = _TYPES[str(f.type).split(" |")[0]]
+        if convert is Path and f.default is None:
+            convert = optional_path
         env = env_name(f.name)
         default = f.default if f.default is not MISSING else None
         if env in os.environ:

@@ -16,7 +16,6 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import HttpVersion11, web
@@ -28,9 +27,21 @@ from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.gateway import jobs, repository, rest, statistics
 from inferencehub.gateway.auth import Access
 from inferencehub.gateway.body_budget import BodyBudget, read_body
-from inferencehub.gateway.coalescer import Coalescer, coalescer_for
+from inferencehub.gateway.coalescer import coalescer_for
 from inferencehub.gateway.connections import BodyTimeout, GatewayRunner, Limits
 from inferencehub.gateway.http_errors import error_response, upstream_error_response
+from inferencehub.gateway.keys import (
+    BODY_BUDGET,
+    COALESCER,
+    METRICS,
+    REPLICAS,
+    SETTINGS,
+    STATE,
+    TRACING,
+    TRAFFIC,
+    UPSTREAM,
+    GatewayState,
+)
 from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.gateway.openapi import openapi_document
 from inferencehub.gateway.replicas import ReplicaSet
@@ -53,23 +64,6 @@ UNPARSED = "(unparsed)"  # the route label of answers given before a request cou
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer
 BINARY_EXTENSION = "binary_tensor_data"
 UI_PAGE = (Path(__file__).parent / "ui" / "index.html").read_bytes()
-
-
-@dataclass
-class GatewayState:
-    started: bool = False
-    draining: bool = False
-
-
-SETTINGS = web.AppKey("settings", GatewaySettings)
-METRICS = web.AppKey("metrics", GatewayMetrics)
-STATE = web.AppKey("state", GatewayState)
-UPSTREAM = web.AppKey("upstream", Upstream)
-REPLICAS = web.AppKey("replicas", ReplicaSet)
-TRAFFIC = web.AppKey("traffic", Traffic)
-TRACING = web.AppKey("tracing", object)  # a tracing.Tracing, or None when tracing is off
-COALESCER = web.AppKey("coalescer", Coalescer)
-BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
 
 
 class StartupError(InferenceHubError):

@@ -32,6 +32,7 @@ from inferencehub import jobqueue, logs
 from inferencehub.errors import InvalidInput
 from inferencehub.gateway import rest
 from inferencehub.gateway.http_errors import HTTP_STATUS, error_response
+from inferencehub.gateway.keys import UPSTREAM
 from inferencehub.gateway.upstream import UpstreamError
 from inferencehub.jobqueue import FINAL, QUEUED, SUCCEEDED, JobRecord
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
@@ -534,8 +535,6 @@ async def submit(
     request: web.Request, message: pb.ModelInferRequest, plan: rest.OutputPlan, wait: float
 ) -> web.Response:
     """Queue a validated request as a job (the infer route calls this for ``Prefer: respond-async``)."""
-    from inferencehub.gateway.app import UPSTREAM
-
     jobs = request.app[JOBS]
     idempotency = _idempotency(request)
     try:

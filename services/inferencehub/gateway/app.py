@@ -412,8 +412,9 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[REPLICAS].close()
     await app[COALESCER].close()
     await app[UPSTREAM].close()
-    if app[TRACING] is not None:
-        app[TRACING].shutdown()
+    tracer = app[TRACING]
+    if tracer is not None:
+        tracer.shutdown()
 
 
 def check_settings(settings: GatewaySettings) -> None:

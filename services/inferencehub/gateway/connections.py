@@ -189,8 +189,9 @@ class GatewayRunner(web.AppRunner):
     async def _make_server(self) -> Server:
         server = await super()._make_server()
         server.__class__ = GatewayServer  # same state, our connection factory
-        server.limits = self.limits  # type: ignore[attr-defined]
-        server.record = self.record  # type: ignore[attr-defined]
+        assert isinstance(server, GatewayServer)
+        server.limits = self.limits
+        server.record = self.record
         return server
 
     def open_connections(self) -> int:

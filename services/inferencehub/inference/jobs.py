@@ -246,7 +246,7 @@ class JobRunner:
         while not self.stopping:
             served = self.engine.models.get(name)  # the instance serving now (models are replaced and unloaded)
             room = self.room(served) if served is not None else 0
-            if room <= 0:
+            if served is None or room <= 0:
                 self.freed[name].clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.freed[name].wait(), 0.1)
@@ -267,7 +267,7 @@ class JobRunner:
                     with contextlib.suppress(Exception):
                         await message.nak()
                     continue
-                task = asyncio.create_task(self._handle(served, message))  # type: ignore[arg-type]
+                task = asyncio.create_task(self._handle(served, message))
                 self.held[name].add(task)
                 self.metrics.held.labels(name).set(len(self.held[name]))
                 task.add_done_callback(functools.partial(self._done, name))

@@ -15,13 +15,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inferencehub.errors import InferenceHubError, InvalidInput
-from inferencehub.metadata import REPLICA_KEY
+from inferencehub.metadata import HEADER_LENGTH, REPLICA_KEY
 from inferencehub.tensors import DATATYPES, datatype_of, from_raw, to_raw
 
 if TYPE_CHECKING:
     import aiohttp
-
-HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 @dataclass

@@ -8,8 +8,9 @@ import time
 
 import numpy as np
 
-from inferencehub.client import HEADER_LENGTH, _decode_http, _error_text
+from inferencehub.client import _decode_http, _error_text
 from inferencehub.errors import InferenceHubError
+from inferencehub.metadata import HEADER_LENGTH
 
 FINAL = ("succeeded", "failed", "cancelled")
 

@@ -48,7 +48,7 @@ from inferencehub.gateway.replicas import ReplicaSet
 from inferencehub.gateway.status import Traffic, status
 from inferencehub.gateway.traced import traced_requests
 from inferencehub.gateway.upstream import Upstream, UpstreamError, channel_options
-from inferencehub.metadata import REPLICA_KEY
+from inferencehub.metadata import DEADLINE_HEADER, REPLICA_KEY, REQUEST_ID_HEADER
 from inferencehub.model_state import Desired
 from inferencehub.processes import announce
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
@@ -56,8 +56,6 @@ from inferencehub.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "X-Request-Id"
-DEADLINE_HEADER = "X-InferenceHub-Deadline-Ms"
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:/=+-]{1,128}$")
 DEADLINE_PATTERN = re.compile(r"^[0-9]{1,9}$")  # ASCII digits only: str.isdigit() also takes '³' and '٣'
 UNPARSED = "(unparsed)"  # the route label of answers given before a request could be routed

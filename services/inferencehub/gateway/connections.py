@@ -27,7 +27,10 @@ from aiohttp import StreamReader, http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
+from inferencehub.gateway.http_errors import RETRY_AFTER_SECONDS
+
 log = logging.getLogger(__name__)
+RETRY_AFTER_LINE = f"Retry-After: {RETRY_AFTER_SECONDS}\r\n".encode()
 REASON = re.compile(r"[A-Za-z][A-Za-z' -]{2,80}")  # words only: a parser reason that quotes nothing
 
 
@@ -78,7 +81,8 @@ class GatewayConnection(RequestHandler):
             self._refused = True
             manager.record(503)
             message = "too many open connections; retry later"
-            transport.write(_raw_error(503, "Service Unavailable", message, b"Retry-After: 1\r\n"))  # type: ignore[attr-defined]
+            # typed BaseTransport by asyncio's Protocol; a stream transport (asyncio's or uvloop's) writes
+            transport.write(_raw_error(503, "Service Unavailable", message, RETRY_AFTER_LINE))  # type: ignore[attr-defined]
             transport.close()
             return
         super().connection_made(transport)

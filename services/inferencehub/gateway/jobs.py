@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from inferencehub import jobqueue, logs
 from inferencehub.errors import InvalidInput
 from inferencehub.gateway import rest
-from inferencehub.gateway.http_errors import HTTP_STATUS, error_response
+from inferencehub.gateway.http_errors import HTTP_STATUS, RETRY_AFTER_SECONDS, error_response
 from inferencehub.gateway.keys import UPSTREAM
 from inferencehub.gateway.upstream import UpstreamError
 from inferencehub.jobqueue import FINAL, QUEUED, SUCCEEDED, JobRecord
@@ -53,7 +53,6 @@ FAILOVER_SECONDS = 8.0  # a submit waits this long for a JetStream cluster to el
 HEADER_ROOM = 1024  # bytes of a job message's limit kept for its NATS headers
 METADATA_TTL = 5.0  # seconds a model's metadata is reused for checking submissions
 STATS_INTERVAL = 2.0
-RETRY_AFTER = "1"
 RECENT_JOBS = 20  # jobs submitted through this gateway that the live page lists
 
 
@@ -221,14 +220,14 @@ class JobQueue:
             raise QueueUnavailable(
                 f"{self.name} is unavailable ({problem}); synchronous requests (without "
                 "'Prefer: respond-async') are not affected",
-                {"Retry-After": RETRY_AFTER},
+                {"Retry-After": RETRY_AFTER_SECONDS},
             )
 
     def _unavailable(self, exc: BaseException) -> QueueUnavailable:
         return QueueUnavailable(
             f"{self.name} is unavailable ({exc or type(exc).__name__}); synchronous requests (without "
             "'Prefer: respond-async') are not affected",
-            {"Retry-After": RETRY_AFTER},
+            {"Retry-After": RETRY_AFTER_SECONDS},
         )
 
     @property
@@ -365,7 +364,7 @@ class JobQueue:
                 raise QueueFull(
                     f"the job queue of model '{message.model_name}' is full ({self.settings.jobs_max_queue} "
                     "unfinished jobs); retry later",
-                    {"Retry-After": RETRY_AFTER},
+                    {"Retry-After": RETRY_AFTER_SECONDS},
                 ) from None
             raise self._unavailable(exc) from None
         record = JobRecord(
@@ -576,7 +575,7 @@ async def submit(
     return web.json_response(
         {"id": record.id, "status": record.status},
         status=202,
-        headers={"Location": location, "Preference-Applied": "respond-async", "Retry-After": RETRY_AFTER},
+        headers={"Location": location, "Preference-Applied": "respond-async", "Retry-After": RETRY_AFTER_SECONDS},
     )
 
 

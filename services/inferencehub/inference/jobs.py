@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inferencehub import jobqueue, logs
+from inferencehub.buckets import LATENCY_BUCKETS
 from inferencehub.errors import InferenceHubError, ModelNotReady, Overloaded
 from inferencehub.inference.engine import Engine, ServedModel
-from inferencehub.inference.metrics import LATENCY_BUCKETS
 from inferencehub.inference.servicer import decode_inputs, encode_outputs
 from inferencehub.jobqueue import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobRecord
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb

@@ -166,7 +166,7 @@ class JobRunner:
             return None
         subscriptions = {}
         for name in [n for n in self.engine.models if n not in self.bound]:  # see follow()
-            subscriptions[name] = await self.js.pull_subscribe_bind(
+            subscriptions[name] = await self._js().pull_subscribe_bind(
                 durable=jobqueue.consumer_name(name), stream=jobqueue.STREAM
             )
         self.bound.update(subscriptions)

@@ -10,9 +10,8 @@ import numpy as np
 
 from inferencehub.client import _decode_http, _error_text
 from inferencehub.errors import InferenceHubError
+from inferencehub.jobqueue import FINAL
 from inferencehub.metadata import HEADER_LENGTH
-
-FINAL = ("succeeded", "failed", "cancelled")
 
 
 def split_job(payload: bytes, header_length: str | None) -> tuple[dict, bytes]:

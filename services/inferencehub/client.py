@@ -96,7 +96,7 @@ class HttpTransport:
         return self
 
     def _session(self) -> aiohttp.ClientSession:
-        assert self.session is not None, "HttpTransport is used as an async context manager"
+        assert self.session is not None, "open HttpTransport with `async with` first"
         return self.session
 
     async def __aexit__(self, *exc) -> None:

@@ -10,15 +10,16 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from inferencehub.errors import InferenceHubError, InvalidInput
-from inferencehub.metadata import REPLICA_KEY
+from inferencehub.metadata import HEADER_LENGTH, REPLICA_KEY
 from inferencehub.tensors import DATATYPES, datatype_of, from_raw, to_raw
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
+if TYPE_CHECKING:
+    import aiohttp
 
 
 @dataclass
@@ -80,7 +81,7 @@ class HttpTransport:
     def __init__(self, url: str, timeout: float = 60.0, api_key: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self.session = None
+        self.session: aiohttp.ClientSession | None = None
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def __aenter__(self) -> HttpTransport:
@@ -94,12 +95,16 @@ class HttpTransport:
         )
         return self
 
+    def _session(self) -> aiohttp.ClientSession:
+        assert self.session is not None, "open HttpTransport with `async with` first"
+        return self.session
+
     async def __aexit__(self, *exc) -> None:
-        await self.session.close()
+        await self._session().close()
 
     async def metadata(self, model: str) -> dict:
         try:
-            async with self.session.get(f"{self.url}/v2/models/{model}") as response:
+            async with self._session().get(f"{self.url}/v2/models/{model}") as response:
                 payload = await response.read()
                 status = response.status
         except (self._aiohttp.ClientError, TimeoutError) as exc:
@@ -134,7 +139,7 @@ class HttpTransport:
         url, body, headers = prepared
         start = time.perf_counter()
         try:
-            async with self.session.post(url, data=body, headers=headers) as response:
+            async with self._session().post(url, data=body, headers=headers) as response:
                 payload = await response.read()
                 latency = time.perf_counter() - start
                 replica = response.headers.get(REPLICA_KEY, "")

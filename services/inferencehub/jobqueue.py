@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 import ssl
@@ -33,6 +34,10 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # nats is imported when a queue is configured, not with this module
+    from nats.aio.client import Client as NATS
 
 STREAM = "INFERENCEHUB_JOBS"
 SUBJECT_PREFIX = "inferencehub.jobs"
@@ -172,9 +177,9 @@ async def connect(
     *,
     user: str = "",
     password: str = "",
-    tls_ca: str | None = None,
-    reconnected: Callable[[], None] | None = None,
-):
+    tls_ca: str | os.PathLike[str] | None = None,
+    reconnected: Callable[[], object] | None = None,
+) -> NATS:
     """A NATS connection that reconnects forever; connection problems are logged once per change.
 
     ``user``/``password``: the credentials the server's authorization expects (none when empty). ``tls_ca``: a PEM
@@ -185,7 +190,7 @@ async def connect(
     async def on_error(exc: Exception) -> None:
         logger.debug("NATS: %s", exc)
 
-    connection = []
+    connection: list[NATS] = []
 
     async def on_disconnect() -> None:
         if connection and (connection[0].is_closed or connection[0].is_draining):
@@ -197,7 +202,7 @@ async def connect(
         if reconnected is not None:
             reconnected()
 
-    options = {}
+    options: dict[str, Any] = {}
     if user:
         options.update(user=user, password=password)
     if tls_ca:

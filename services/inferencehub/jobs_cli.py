@@ -8,10 +8,10 @@ import time
 
 import numpy as np
 
-from inferencehub.client import HEADER_LENGTH, _decode_http, _error_text
+from inferencehub.client import _decode_http, _error_text
 from inferencehub.errors import InferenceHubError
-
-FINAL = ("succeeded", "failed", "cancelled")
+from inferencehub.jobqueue import FINAL
+from inferencehub.metadata import HEADER_LENGTH
 
 
 def split_job(payload: bytes, header_length: str | None) -> tuple[dict, bytes]:

@@ -1,4 +1,5 @@
-"""The gRPC metadata keys InferenceHub's processes exchange, named once for every side of the wire."""
+"""The gRPC metadata keys and HTTP header names InferenceHub's processes exchange, named once for every side of
+the wire."""
 
 REQUEST_ID_KEY = "x-request-id"  # the caller's request id, gateway -> replica, logged on both sides
 REPLICA_KEY = "x-inferencehub-replica"  # the replica that served a call, in its trailing metadata
@@ -6,3 +7,8 @@ QUEUE_DEPTH_KEY = "x-inferencehub-queue-depth"  # requests waiting in a replica'
 # The replica's load as a serialized xds.data.orca.v3.OrcaLoadReport, in its trailing metadata; read by
 # gRPC's weighted_round_robin policy (the name is gRPC's, fixed by the ORCA per-call protocol).
 LOAD_REPORT_KEY = "endpoint-load-metrics-bin"
+
+# HTTP headers of the gateway's API (its clients, the CLI and the OpenAPI document use the same names).
+REQUEST_ID_HEADER = "X-Request-Id"  # the caller's request id, or a new one; sent back, and to the replica
+DEADLINE_HEADER = "X-InferenceHub-Deadline-Ms"  # the deadline a client asks for its call
+HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor data extension: the JSON part's bytes

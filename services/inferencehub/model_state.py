@@ -99,7 +99,7 @@ async def _read(url: str) -> dict[str, Desired]:
         for name in keys:
             entry = await kv.get(name)
             try:
-                doc = json.loads(entry.value)
+                doc = json.loads(entry.value or b"")  # no value (None) is unreadable too
                 desired = Desired(str(doc["name"]), bool(doc["loaded"]), doc.get("config"))
             except (ValueError, KeyError, TypeError):
                 log.warning("model state: entry %s is not readable; ignored", name)

@@ -11,10 +11,13 @@ import argparse
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 ENV_PREFIX = "INFERENCEHUB_"
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")
 _TYPES = {"int": int, "float": float, "str": str, "Path": Path}
 MODEL_CONTROL_MODES = ("none", "explicit", "poll")
 OTLP_HELP = (
@@ -83,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,12 @@ class Member:
     def running(self) -> bool:
         return self.child is not None and self.child.running
 
+    @property
+    def spawned(self) -> Child:
+        """The child of its latest start, for code that runs once it was started."""
+        assert self.child is not None, f"{self.name} was never started"
+        return self.child
+
 
 def replica_hosts(count: int) -> list[str]:
     """127.0.0.2, 127.0.0.3, ... where this system routes them (Linux does); else 127.0.0.1 for all."""
@@ -228,7 +234,7 @@ class System:
             say("a second signal: killing what is left at once")
         for member in self.members:
             if member.running:
-                member.child.proc.kill()
+                member.spawned.proc.kill()
 
     async def start(self, *members: Member) -> None:
         """Start ``members`` and wait until they are ready; StartFailed at once if one exits meanwhile.
@@ -237,13 +243,13 @@ class System:
         for member in members:
             member.start()
         await _all(*(self.wait_listening(m) for m in members))
-        await _all(*(wait_serving(m.child, m.deadline) for m in members if m.replica))
+        await _all(*(wait_serving(m.spawned, m.deadline) for m in members if m.replica))
         for member in members:
             if not member.addresses:
-                member.addresses = dict(member.child.addresses)  # where it comes back after a restart
+                member.addresses = dict(member.spawned.addresses)  # where it comes back after a restart
 
     async def wait_listening(self, member: Member) -> None:
-        child = member.child
+        child = member.spawned
         loop = asyncio.get_running_loop()
         member.deadline = loop.time() + START_TIMEOUT
         while True:
@@ -269,7 +275,7 @@ class System:
                 await asyncio.wait_for(self.stopping.wait(), SUPERVISE_POLL)
 
     def exited(self, member: Member) -> None:
-        how = describe_exit(member.child.returncode)
+        how = describe_exit(member.spawned.returncode)
         if member is self.gateway:
             raise UpError(f"the gateway exited unexpectedly ({how}); stopping the rest")
         delay = self.note_exit(member, f"{member.name} exited unexpectedly ({how})")
@@ -298,19 +304,19 @@ class System:
                 await asyncio.sleep(delay)
                 if self.stopping.is_set():
                     return
-                member.child.release()  # the dead one
+                member.spawned.release()  # the dead one
                 try:
                     await self.start(member)
                 except StartFailed as exc:
-                    if member.child.running:
-                        await stop_child(member.child, lambda: True)
+                    if member.spawned.running:
+                        await stop_child(member.spawned, lambda: True)
                     delay = self.note_exit(member, f"{member.name} did not come back: {exc.summary}")
                     continue
                 member.restarts += 1
-                addresses = member.child.addresses
+                addresses = member.spawned.addresses
                 where = addresses["nats"] if "nats" in addresses else f"{addresses['grpc']} (gRPC)"
                 state = "SERVING" if member.replica else "listening"
-                say(f"{member.name} is back: {state} on {where}, pid {member.child.pid} (restart {member.restarts})")
+                say(f"{member.name} is back: {state} on {where}, pid {member.spawned.pid} (restart {member.restarts})")
                 self.announce()
                 return
         except UpError as exc:
@@ -446,7 +452,7 @@ async def run(settings: UpSettings) -> int:
         system.gateway = Member("gateway", lambda _: start_child("gateway", command, nats_env))
         await _unless_stopping(system.start(system.gateway), system.stopping)
         address = system.gateway.addresses["http"]
-        targets = [(m.name, m.addresses["grpc"], m.addresses["metrics"], m.child.pid) for m in system.replicas]
+        targets = [(m.name, m.addresses["grpc"], m.addresses["metrics"], m.spawned.pid) for m in system.replicas]
         print(banner(address, targets, models, nats_url), flush=True)
         system.announce(
             http=address,

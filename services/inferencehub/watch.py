@@ -15,7 +15,7 @@ Signature = tuple[tuple[int, int, int] | None, ...]
 
 def signature(*paths: Path) -> Signature:
     """Inode, size and mtime of each file (None for one that cannot be read)."""
-    result = []
+    result: list[tuple[int, int, int] | None] = []
     for path in paths:
         try:
             st = os.stat(path)

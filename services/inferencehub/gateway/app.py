@@ -16,7 +16,6 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import HttpVersion11, web
@@ -28,16 +27,28 @@ from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.gateway import jobs, repository, rest, statistics
 from inferencehub.gateway.auth import Access
 from inferencehub.gateway.body_budget import BodyBudget, read_body
-from inferencehub.gateway.coalescer import Coalescer, coalescer_for
+from inferencehub.gateway.coalescer import coalescer_for
 from inferencehub.gateway.connections import BodyTimeout, GatewayRunner, Limits
 from inferencehub.gateway.http_errors import error_response, upstream_error_response
+from inferencehub.gateway.keys import (
+    BODY_BUDGET,
+    COALESCER,
+    METRICS,
+    REPLICAS,
+    SETTINGS,
+    STATE,
+    TRACING,
+    TRAFFIC,
+    UPSTREAM,
+    GatewayState,
+)
 from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.gateway.openapi import openapi_document
 from inferencehub.gateway.replicas import ReplicaSet
 from inferencehub.gateway.status import Traffic, status
 from inferencehub.gateway.traced import traced_requests
 from inferencehub.gateway.upstream import Upstream, UpstreamError, channel_options
-from inferencehub.metadata import REPLICA_KEY
+from inferencehub.metadata import DEADLINE_HEADER, REPLICA_KEY, REQUEST_ID_HEADER
 from inferencehub.model_state import Desired
 from inferencehub.processes import announce
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
@@ -45,31 +56,12 @@ from inferencehub.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "X-Request-Id"
-DEADLINE_HEADER = "X-InferenceHub-Deadline-Ms"
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:/=+-]{1,128}$")
 DEADLINE_PATTERN = re.compile(r"^[0-9]{1,9}$")  # ASCII digits only: str.isdigit() also takes '³' and '٣'
 UNPARSED = "(unparsed)"  # the route label of answers given before a request could be routed
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer
 BINARY_EXTENSION = "binary_tensor_data"
 UI_PAGE = (Path(__file__).parent / "ui" / "index.html").read_bytes()
-
-
-@dataclass
-class GatewayState:
-    started: bool = False
-    draining: bool = False
-
-
-SETTINGS = web.AppKey("settings", GatewaySettings)
-METRICS = web.AppKey("metrics", GatewayMetrics)
-STATE = web.AppKey("state", GatewayState)
-UPSTREAM = web.AppKey("upstream", Upstream)
-REPLICAS = web.AppKey("replicas", ReplicaSet)
-TRAFFIC = web.AppKey("traffic", Traffic)
-TRACING = web.AppKey("tracing", object)  # a tracing.Tracing, or None when tracing is off
-COALESCER = web.AppKey("coalescer", Coalescer)
-BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
 
 
 class StartupError(InferenceHubError):
@@ -418,8 +410,9 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[REPLICAS].close()
     await app[COALESCER].close()
     await app[UPSTREAM].close()
-    if app[TRACING] is not None:
-        app[TRACING].shutdown()
+    tracer = app[TRACING]
+    if tracer is not None:
+        tracer.shutdown()
 
 
 def check_settings(settings: GatewaySettings) -> None:

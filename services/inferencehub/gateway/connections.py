@@ -23,11 +23,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import http_exceptions, web
+from aiohttp import StreamReader, http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
+from inferencehub.gateway.http_errors import RETRY_AFTER_SECONDS
+
 log = logging.getLogger(__name__)
+RETRY_AFTER_LINE = f"Retry-After: {RETRY_AFTER_SECONDS}\r\n".encode()
 REASON = re.compile(r"[A-Za-z][A-Za-z' -]{2,80}")  # words only: a parser reason that quotes nothing
 
 
@@ -78,7 +81,8 @@ class GatewayConnection(RequestHandler):
             self._refused = True
             manager.record(503)
             message = "too many open connections; retry later"
-            transport.write(_raw_error(503, "Service Unavailable", message, b"Retry-After: 1\r\n"))  # type: ignore[attr-defined]
+            # typed BaseTransport by asyncio's Protocol; a stream transport (asyncio's or uvloop's) writes
+            transport.write(_raw_error(503, "Service Unavailable", message, RETRY_AFTER_LINE))  # type: ignore[attr-defined]
             transport.close()
             return
         super().connection_made(transport)
@@ -99,6 +103,11 @@ class GatewayConnection(RequestHandler):
             self._awaiting_headers = False
             self._cancel_header_deadline()
 
+    def _gateway(self) -> GatewayServer:
+        """The server that made this connection (aiohttp types it as a plain ``Server``, or None once lost)."""
+        assert isinstance(self._manager, GatewayServer)
+        return self._manager
+
     def _cancel_header_deadline(self) -> None:
         if self._header_deadline is not None:
             self._header_deadline.cancel()
@@ -108,7 +117,7 @@ class GatewayConnection(RequestHandler):
         self._header_deadline = None
         if self._awaiting_headers and self.transport is not None:
             log.warning("closed a connection whose headers took over %gs", self._limits.header_timeout)
-            self._manager.record(408)
+            self._gateway().record(408)
             seconds = self._limits.header_timeout
             self.transport.write(_raw_error(408, "Request Timeout", f"headers not received within {seconds:g}s"))
             self.force_close()
@@ -124,7 +133,7 @@ class GatewayConnection(RequestHandler):
                 body_deadline.cancel()
             self._awaiting_headers = True  # what comes next on this connection is a new request
 
-    def _body_too_slow(self, body: asyncio.StreamReader) -> None:
+    def _body_too_slow(self, body: StreamReader) -> None:
         if not body.is_eof():
             body.set_exception(BodyTimeout(f"the request body did not arrive within {self._limits.body_timeout:g}s"))
 
@@ -138,7 +147,7 @@ class GatewayConnection(RequestHandler):
             if isinstance(exc, kind):
                 text = _parser_reason(exc) or text
                 log.warning("bad HTTP request from %s: %s (%s)", request.remote, text, kind.__name__)
-                self._manager.record(code)
+                self._gateway().record(code)
                 return _json_error(code, text)
         if status == 504:
             return _json_error(504, "the request took too long")
@@ -184,8 +193,9 @@ class GatewayRunner(web.AppRunner):
     async def _make_server(self) -> Server:
         server = await super()._make_server()
         server.__class__ = GatewayServer  # same state, our connection factory
-        server.limits = self.limits  # type: ignore[attr-defined]
-        server.record = self.record  # type: ignore[attr-defined]
+        assert isinstance(server, GatewayServer)
+        server.limits = self.limits
+        server.record = self.record
         return server
 
     def open_connections(self) -> int:

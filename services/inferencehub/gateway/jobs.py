@@ -22,6 +22,7 @@ import datetime
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 import orjson
@@ -31,11 +32,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from inferencehub import jobqueue, logs
 from inferencehub.errors import InvalidInput
 from inferencehub.gateway import rest
-from inferencehub.gateway.http_errors import HTTP_STATUS, error_response
+from inferencehub.gateway.http_errors import HTTP_STATUS, RETRY_AFTER_SECONDS, error_response
+from inferencehub.gateway.keys import UPSTREAM
 from inferencehub.gateway.upstream import UpstreamError
 from inferencehub.jobqueue import FINAL, QUEUED, SUCCEEDED, JobRecord
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.settings import GatewaySettings
+from inferencehub.tracing import Tracing
+
+if TYPE_CHECKING:  # nats is imported when a queue is configured, not with this module
+    from nats.aio.client import Client as NATS
+    from nats.js import JetStreamContext
+    from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +53,6 @@ FAILOVER_SECONDS = 8.0  # a submit waits this long for a JetStream cluster to el
 HEADER_ROOM = 1024  # bytes of a job message's limit kept for its NATS headers
 METADATA_TTL = 5.0  # seconds a model's metadata is reused for checking submissions
 STATS_INTERVAL = 2.0
-RETRY_AFTER = "1"
 RECENT_JOBS = 20  # jobs submitted through this gateway that the live page lists
 
 
@@ -102,16 +109,30 @@ class JobQueue:
         self.settings = settings
         self.url = settings.nats_url
         self.metrics = JobMetrics(registry)
-        self.nc = None
-        self.js = None
-        self.kv = None
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.kv: KeyValue | None = None
         self.problem = "not connected yet"
-        self.metadata: dict[tuple[str, str], tuple[float, pb.ModelMetadataResponse]] = {}
+        self.metadata: dict[tuple[str, str], tuple[float, tuple[pb.ModelMetadataResponse, int]]] = {}
         self.tasks: list[asyncio.Task] = []
         self.models_seen: set[str] = set()
         self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_JOBS)  # newest last
-        self.tracing = None  # a tracing.Tracing when tracing is on
+        self.tracing: Tracing | None = None
         self.layout: asyncio.Task | None = None  # creating the stream and the bucket
+
+    # The connection, the stream's context and the bucket, for code that runs once they exist (after
+    # check_available(), or when the NATS client calls back).
+    def _nc(self) -> NATS:
+        assert self.nc is not None, "the job queue is not connected"
+        return self.nc
+
+    def _js(self) -> JetStreamContext:
+        assert self.js is not None, "the job queue is not connected"
+        return self.js
+
+    def _kv(self) -> KeyValue:
+        assert self.kv is not None, "the job queue's bucket is not set up"
+        return self.kv
 
     @property
     def name(self) -> str:
@@ -171,7 +192,7 @@ class JobQueue:
                     ttl_seconds=self.settings.jobs_ttl_seconds,
                     max_queue=self.settings.jobs_max_queue,
                 )
-                self.kv = await self.js.key_value(jobqueue.BUCKET)
+                self.kv = await self._js().key_value(jobqueue.BUCKET)
                 self.problem = ""
                 log.info(
                     "job queue ready: NATS at %s, stream %s, bucket %s", self.url, jobqueue.STREAM, jobqueue.BUCKET
@@ -199,20 +220,20 @@ class JobQueue:
             raise QueueUnavailable(
                 f"{self.name} is unavailable ({problem}); synchronous requests (without "
                 "'Prefer: respond-async') are not affected",
-                {"Retry-After": RETRY_AFTER},
+                {"Retry-After": RETRY_AFTER_SECONDS},
             )
 
     def _unavailable(self, exc: BaseException) -> QueueUnavailable:
         return QueueUnavailable(
             f"{self.name} is unavailable ({exc or type(exc).__name__}); synchronous requests (without "
             "'Prefer: respond-async') are not affected",
-            {"Retry-After": RETRY_AFTER},
+            {"Retry-After": RETRY_AFTER_SECONDS},
         )
 
     @property
     def payload_limit(self) -> int:
         """The largest serialized request a job can carry: NATS's max_payload (and the gateway's body limit)."""
-        return min(self.nc.max_payload - HEADER_ROOM, self.settings.max_body_bytes)
+        return min(self._nc().max_payload - HEADER_ROOM, self.settings.max_body_bytes)
 
     # --- submit, read, cancel, wait ------------------------------------------------------
 
@@ -227,7 +248,7 @@ class JobQueue:
             self.metrics.submitted.labels(model, "too_large").inc()
             raise TooLarge(
                 f"the request is {len(payload)} bytes encoded; {self.name} takes jobs of at most "
-                f"{self.payload_limit} bytes (the NATS server's max_payload is {self.nc.max_payload} bytes): "
+                f"{self.payload_limit} bytes (the NATS server's max_payload is {self._nc().max_payload} bytes): "
                 "send it synchronously, or raise max_payload on the NATS servers"
             )
         try:
@@ -293,7 +314,7 @@ class JobQueue:
         idem_key = jobqueue.idempotency_key(idempotency) if idempotency else None
         if idem_key is not None:
             try:
-                await self.kv.create(idem_key, job_id.encode())
+                await self._kv().create(idem_key, job_id.encode())
             except KeyWrongLastSequenceError:
                 return await self._replay(idem_key, idempotency, message, payload, plan), False
         try:
@@ -301,11 +322,13 @@ class JobQueue:
         except QueueError:
             if idem_key is not None:
                 with contextlib.suppress(Exception):
-                    await self.kv.delete(idem_key)
+                    await self._kv().delete(idem_key)
             raise
 
-    async def _replay(self, idem_key: str, idempotency: str, message, payload: bytes, plan) -> JobRecord:
-        job_id = (await self.kv.get(idem_key)).value.decode()
+    async def _replay(self, idem_key: str, idempotency: str | None, message, payload: bytes, plan) -> JobRecord:
+        entry = await self._kv().get(idem_key)
+        assert entry.value is not None  # written by create() with the job's id
+        job_id = entry.value.decode()
         record = await jobqueue.read(self.kv, job_id)
         if record is not None and record.model != message.model_name:
             raise IdempotencyConflict(
@@ -331,7 +354,7 @@ class JobQueue:
         deadline = time.monotonic() + FAILOVER_SECONDS
         try:
             ack = await self._retrying(
-                lambda timeout: self.js.publish(
+                lambda timeout: self._js().publish(
                     jobqueue.subject(message.model_name), payload, headers=headers, timeout=timeout
                 ),
                 deadline,
@@ -341,7 +364,7 @@ class JobQueue:
                 raise QueueFull(
                     f"the job queue of model '{message.model_name}' is full ({self.settings.jobs_max_queue} "
                     "unfinished jobs); retry later",
-                    {"Retry-After": RETRY_AFTER},
+                    {"Retry-After": RETRY_AFTER_SECONDS},
                 ) from None
             raise self._unavailable(exc) from None
         record = JobRecord(
@@ -376,7 +399,7 @@ class JobQueue:
             except (NoStreamResponseError, NoRespondersError, NatsTimeout, ServiceUnavailableError) as exc:
                 if getattr(exc, "err_code", None) == 10077 or time.monotonic() + pause >= deadline:
                     raise
-                if not self.nc.is_connected:
+                if not self._nc().is_connected:
                     raise
                 if not checked and isinstance(exc, (NoStreamResponseError, NoRespondersError)):
                     checked = True
@@ -416,12 +439,12 @@ class JobQueue:
         if cancelled and before is not None and before.status == QUEUED and before.seq:
             # Free its place in the model's queue now; a replica that fetched it meanwhile sees it cancelled.
             with contextlib.suppress(Exception):
-                await self.js.delete_msg(jobqueue.STREAM, before.seq)
+                await self._js().delete_msg(jobqueue.STREAM, before.seq)
         return after, cancelled
 
     async def wait(self, job_id: str, seconds: float) -> JobRecord | None:
         """The job's record once it is finished, or as it is after ``seconds``."""
-        subscription = await self.nc.subscribe(f"$KV.{jobqueue.BUCKET}.{jobqueue.job_key(job_id)}")
+        subscription = await self._nc().subscribe(f"$KV.{jobqueue.BUCKET}.{jobqueue.job_key(job_id)}")
         try:
             record = await jobqueue.read(self.kv, job_id)
             deadline = time.monotonic() + seconds
@@ -451,7 +474,7 @@ class JobQueue:
     async def refresh_stats(self) -> None:
         if self.nc is None or not self.nc.is_connected:
             return
-        info = await self.js.stream_info(jobqueue.STREAM, subjects_filter=">")
+        info = await self._js().stream_info(jobqueue.STREAM, subjects_filter=">")
         subjects = info.state.subjects or {}
         now = datetime.datetime.now(datetime.UTC)
         seen = set()
@@ -459,7 +482,7 @@ class JobQueue:
             model = jobqueue.model_of_subject(name)
             seen.add(model)
             self.metrics.depth.labels(model).set(count)
-            oldest = await self.js.get_msg(jobqueue.STREAM, seq=info.state.first_seq or 1, subject=name, next=True)
+            oldest = await self._js().get_msg(jobqueue.STREAM, seq=info.state.first_seq or 1, subject=name, next=True)
             age = (now - oldest.time).total_seconds() if oldest.time else 0.0
             self.metrics.oldest.labels(model).set(max(age, 0.0))
         for model in self.models_seen - seen:
@@ -534,8 +557,6 @@ async def submit(
     request: web.Request, message: pb.ModelInferRequest, plan: rest.OutputPlan, wait: float
 ) -> web.Response:
     """Queue a validated request as a job (the infer route calls this for ``Prefer: respond-async``)."""
-    from inferencehub.gateway.app import UPSTREAM
-
     jobs = request.app[JOBS]
     idempotency = _idempotency(request)
     try:
@@ -554,7 +575,7 @@ async def submit(
     return web.json_response(
         {"id": record.id, "status": record.status},
         status=202,
-        headers={"Location": location, "Preference-Applied": "respond-async", "Retry-After": RETRY_AFTER},
+        headers={"Location": location, "Preference-Applied": "respond-async", "Retry-After": RETRY_AFTER_SECONDS},
     )
 
 
@@ -646,7 +667,9 @@ def routes() -> list[web.RouteDef]:
     return [web.get("/v2/jobs/{id}", get_job), web.delete("/v2/jobs/{id}", cancel_job)]
 
 
-def install(app: web.Application, settings: GatewaySettings, registry: CollectorRegistry, tracing=None) -> None:
+def install(
+    app: web.Application, settings: GatewaySettings, registry: CollectorRegistry, tracing: Tracing | None = None
+) -> None:
     """Give the app a job queue for its lifetime (only called when --nats is set)."""
     queue = JobQueue(settings, registry)
     queue.tracing = tracing  # a job's message carries the submitting request's trace context

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from inferencehub.buckets import BATCH_BUCKETS, LATENCY_BUCKETS
 from inferencehub.gateway.replica_labels import ReplicaLabels
 
 MAX_CHILDREN = 4096
-COALESCED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 disable_created_metrics()  # the *_created series only add noise to every scrape
@@ -54,7 +52,7 @@ class GatewayMetrics:
         self.coalesced = Histogram(
             "inferencehub_gateway_coalesced_requests",
             "Requests carried by each upstream ModelInfer call of a batching model (1: it went alone).",
-            buckets=COALESCED_BUCKETS,
+            buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
         self.coalesce_retried = Counter(

@@ -14,11 +14,9 @@ import msgspec
 import inferencehub
 from inferencehub.gateway import repository, schema
 from inferencehub.gateway.jobs import openapi_paths as openapi_job_paths
+from inferencehub.metadata import DEADLINE_HEADER, HEADER_LENGTH, REQUEST_ID_HEADER
 
 REF = "#/components/schemas/{name}"
-DEADLINE_HEADER = "X-InferenceHub-Deadline-Ms"
-REQUEST_ID_HEADER = "X-Request-Id"
-HEADER_LENGTH = "Inference-Header-Content-Length"
 
 WHEN = {
     400: "malformed request (the message names the tensor or field), or a bad header",

@@ -23,6 +23,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -108,7 +109,9 @@ class ReplicaSet:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         found: list[str] = []
         for family, _, _, _, sockaddr in infos:
-            address = f"[{sockaddr[0]}]:{sockaddr[1]}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{sockaddr[1]}"
+            # (host, port, ...); typeshed also allows (int, bytes), an IPv6 address on a Python built without IPv6
+            ip, tcp_port = cast("tuple[str, int]", sockaddr[:2])
+            address = f"[{ip}]:{tcp_port}" if family == socket.AF_INET6 else f"{ip}:{tcp_port}"
             if address not in found:
                 found.append(address)
         return found[:MAX_ADDRESSES]
@@ -140,8 +143,9 @@ class ReplicaSet:
 
     # --- calling each ----------------------------------------------------------------------
 
-    async def each(self, method: str, request, timeout: float) -> list[tuple[ReplicaView, object]]:
-        """Call ``method`` on every address at once: ``(view, response or UpstreamError)`` for each."""
+    async def each(self, method: str, request, timeout: float) -> list[tuple[ReplicaView, Any]]:
+        """Call ``method`` on every address at once: ``(view, response or UpstreamError)`` for each (the response's
+        message type is the method's)."""
         views = await self.refresh()
 
         async def one(view: ReplicaView):

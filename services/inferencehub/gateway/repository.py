@@ -30,7 +30,7 @@ from aiohttp import web
 
 from inferencehub import model_state
 from inferencehub.errors import InvalidInput
-from inferencehub.gateway.http_errors import HTTP_STATUS, error_response
+from inferencehub.gateway.http_errors import HTTP_STATUS, RETRY_AFTER_SECONDS, error_response
 from inferencehub.gateway.replicas import ReplicaSet, ReplicaView
 from inferencehub.gateway.upstream import UpstreamError
 from inferencehub.model_state import Desired
@@ -96,7 +96,9 @@ async def fan_out(replicas: ReplicaSet, method: str, request, timeout: float, ac
     did not; and how many succeeded."""
     results = await replicas.each(method, request, timeout)
     if not results:
-        return error_response(503, f"{action}: no inference replica is available", {"Retry-After": "1"}), 0
+        return error_response(
+            503, f"{action}: no inference replica is available", {"Retry-After": RETRY_AFTER_SECONDS}
+        ), 0
     failed = [(view, result) for view, result in results if isinstance(result, UpstreamError)]
     if not failed:
         return web.Response(status=200), len(results)
@@ -106,7 +108,7 @@ async def fan_out(replicas: ReplicaSet, method: str, request, timeout: float, ac
     message = f"{action} failed on {len(failed)} of {len(results)} replica(s): " + "; ".join(parts)
     if len(failed) < len(results):
         message += " (it succeeded on the others)"
-    response = error_response(status, message, {"Retry-After": "1"} if status == 503 else None)
+    response = error_response(status, message, {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None)
     return response, len(results) - len(failed)
 
 

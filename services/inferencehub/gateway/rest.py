@@ -31,10 +31,10 @@ from inferencehub.gateway.schema import (
     RequestInput,
     RequestParameters,
 )
+from inferencehub.metadata import HEADER_LENGTH
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.tensors import DATATYPES, Datatype, deserialize_bytes, element_count, serialize_bytes, to_raw
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_KINDS = {"BOOL": "b", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"}  # numpy kinds each datatype accepts
 KIND_WORDS = {"b": "true/false", "iu": "integers", "iuf": "numbers"}
 

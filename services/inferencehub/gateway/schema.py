@@ -10,14 +10,19 @@ the gateway sends conforms.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from inferencehub.tensors import DATATYPES
 
-Datatype = Literal[tuple(DATATYPES)]  # type: ignore[valid-type]
+# Datatype and the *Params types are built at run time (for msgspec and the OpenAPI document); a type checker
+# sees what their values are.
+if TYPE_CHECKING:
+    Datatype = str
+else:
+    Datatype = Literal[tuple(DATATYPES)]
 Dimension = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
 Value = bool | int | float | str
@@ -44,9 +49,14 @@ class RequestParameters(Struct, forbid_unknown_fields=False):
     binary_data_output: Annotated[bool, Meta(description="send every output in the binary part")] | UnsetType = UNSET
 
 
-InputParams = _parameters(InputParameters, "input parameters, passed to the model")
-OutputParams = _parameters(OutputParameters, "output parameters")
-RequestParams = _parameters(RequestParameters, "request parameters, passed to the model")
+if TYPE_CHECKING:
+    InputParams = dict[str, Value]
+    OutputParams = dict[str, Value]
+    RequestParams = dict[str, Value]
+else:
+    InputParams = _parameters(InputParameters, "input parameters, passed to the model")
+    OutputParams = _parameters(OutputParameters, "output parameters")
+    RequestParams = _parameters(RequestParameters, "request parameters, passed to the model")
 
 
 class RequestInput(Struct, forbid_unknown_fields=True):

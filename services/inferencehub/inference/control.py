@@ -38,10 +38,10 @@ from inferencehub.inference.engine import READY, UNAVAILABLE, Engine
 from inferencehub.inference.repository import CONFIG_FILE, expand, load_config, load_repository, parse_config
 from inferencehub.model import ModelConfig
 from inferencehub.model_state import Desired
+from inferencehub.settings import MODEL_CONTROL_MODES
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "explicit", "poll")
 CONFIG_PARAMETER = "config"
 INDEX_SCAN_SECONDS = 1.0
 IGNORED_PARAMETERS = frozenset({"unload_dependents"})  # tritonclient always sends it; there are no ensembles here
@@ -98,8 +98,8 @@ def load_names(value: str) -> list[str]:
 
 class ModelControl:
     def __init__(self, engine: Engine, directory: Path, mode: str, load: str = "", poll_seconds: float = 5.0) -> None:
-        if mode not in MODES:
-            raise ConfigError(f"--model-control-mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        if mode not in MODEL_CONTROL_MODES:
+            raise ConfigError(f"--model-control-mode: expected one of {', '.join(MODEL_CONTROL_MODES)}, got {mode!r}")
         if load_names(load) and mode != "explicit":
             raise ConfigError(
                 f"--load is for --model-control-mode explicit (the mode is {mode!r}: it loads every model)"

@@ -28,19 +28,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inferencehub import jobqueue, logs
+from inferencehub.buckets import LATENCY_BUCKETS
 from inferencehub.errors import InferenceHubError, ModelNotReady, Overloaded
 from inferencehub.inference.engine import Engine, ServedModel
-from inferencehub.inference.metrics import LATENCY_BUCKETS
 from inferencehub.inference.servicer import decode_inputs, encode_outputs
 from inferencehub.jobqueue import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobRecord
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.settings import InferenceSettings
+
+if TYPE_CHECKING:  # nats is imported when jobs are configured, not with this module
+    from nats.aio.client import Client as NATS
+    from nats.js import JetStreamContext
+    from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +97,9 @@ class JobRunner:
         self.engine = engine
         self.replica = replica
         self.metrics = JobMetrics(registry)
-        self.nc = None
-        self.js = None
-        self.kv = None
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.kv: KeyValue | None = None
         self.stopping = False
         self.loops: list[asyncio.Task] = []
         self.held: dict[str, set[asyncio.Task]] = collections.defaultdict(set)
@@ -100,6 +107,15 @@ class JobRunner:
         self.bound: set[str] = set()  # models whose jobs are pulled (those loaded since start too)
         self.starter: asyncio.Task | None = None
         self.binding: asyncio.Task | None = None  # creating the consumers again
+
+    # The connection and the stream's context, for code that runs once they exist (after _start() connected).
+    def _nc(self) -> NATS:
+        assert self.nc is not None, "jobs: not connected"
+        return self.nc
+
+    def _js(self) -> JetStreamContext:
+        assert self.js is not None, "jobs: not connected"
+        return self.js
 
     def start(self) -> None:
         self.starter = asyncio.create_task(self._start(), name="jobs start")
@@ -150,7 +166,7 @@ class JobRunner:
             return None
         subscriptions = {}
         for name in [n for n in self.engine.models if n not in self.bound]:  # see follow()
-            subscriptions[name] = await self.js.pull_subscribe_bind(
+            subscriptions[name] = await self._js().pull_subscribe_bind(
                 durable=jobqueue.consumer_name(name), stream=jobqueue.STREAM
             )
         self.bound.update(subscriptions)
@@ -168,10 +184,10 @@ class JobRunner:
         warned = False
         while not self.stopping:
             try:
-                self.kv = await self.js.key_value(jobqueue.BUCKET)
-                await self.js.stream_info(jobqueue.STREAM)
+                self.kv = await self._js().key_value(jobqueue.BUCKET)
+                await self._js().stream_info(jobqueue.STREAM)
                 for name in list(self.engine.models):  # those loaded since start too (see follow())
-                    await self.js.add_consumer(jobqueue.STREAM, self.consumer_config(name))
+                    await self._js().add_consumer(jobqueue.STREAM, self.consumer_config(name))
                 if warned:
                     log.info("jobs: stream %s, bucket %s and consumers ready again", jobqueue.STREAM, jobqueue.BUCKET)
                 return True
@@ -190,8 +206,8 @@ class JobRunner:
 
     async def _subscribe(self, name: str):
         config = self.consumer_config(name)
-        await self.js.add_consumer(jobqueue.STREAM, config)
-        return await self.js.pull_subscribe_bind(durable=config.durable_name, stream=jobqueue.STREAM)
+        await self._js().add_consumer(jobqueue.STREAM, config)
+        return await self._js().pull_subscribe_bind(durable=config.durable_name, stream=jobqueue.STREAM)
 
     def follow(self, name: str) -> None:
         """A model loaded at run time: pull its jobs too. (An unloaded model's loop idles: its jobs wait in the
@@ -230,7 +246,7 @@ class JobRunner:
         while not self.stopping:
             served = self.engine.models.get(name)  # the instance serving now (models are replaced and unloaded)
             room = self.room(served) if served is not None else 0
-            if room <= 0:
+            if served is None or room <= 0:
                 self.freed[name].clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.freed[name].wait(), 0.1)
@@ -251,10 +267,10 @@ class JobRunner:
                     with contextlib.suppress(Exception):
                         await message.nak()
                     continue
-                task = asyncio.create_task(self._handle(served, message))  # type: ignore[arg-type]
+                task = asyncio.create_task(self._handle(served, message))
                 self.held[name].add(task)
                 self.metrics.held.labels(name).set(len(self.held[name]))
-                task.add_done_callback(lambda t, name=name: self._done(name, t))
+                task.add_done_callback(functools.partial(self._done, name))
 
     def _done(self, name: str, task: asyncio.Task) -> None:
         self.held[name].discard(task)
@@ -337,6 +353,7 @@ class JobRunner:
             return
         self.metrics.queued.labels(name).observe(max(0.0, jobqueue.now() - created))
         started = time.perf_counter()
+        assert request is not None  # claim() failed an unreadable job
         work = asyncio.create_task(self._infer(served, request))
         beat = asyncio.create_task(self._heartbeat(message, job_id, work))
         try:
@@ -365,7 +382,7 @@ class JobRunner:
             beat.cancel()
             self.metrics.running.labels(name).observe(time.perf_counter() - started)
         result = response.SerializeToString()
-        limit = self.nc.max_payload - RESULT_ROOM
+        limit = self._nc().max_payload - RESULT_ROOM
         if len(result) > limit:
             await self._finish(
                 message,
@@ -373,7 +390,7 @@ class JobRunner:
                 name,
                 FAILED,
                 error=f"the result is {len(result)} bytes, over the job queue's limit of {limit} bytes "
-                f"(NATS max_payload {self.nc.max_payload}); call the model synchronously",
+                f"(NATS max_payload {self._nc().max_payload}); call the model synchronously",
                 code="RESOURCE_EXHAUSTED",
             )
             return

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from inferencehub.errors import ConfigError
 from inferencehub.inference import runtimes
@@ -229,7 +229,7 @@ def _tensors(raw: dict, key: str, fail, optional: bool = False) -> tuple[TensorS
     return tuple(specs)
 
 
-def _integer(value: Any, minimum: int) -> bool:
+def _integer(value: Any, minimum: int) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 

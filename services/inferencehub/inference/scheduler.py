@@ -78,7 +78,8 @@ class ModelScheduler:
         ``timing``, when given, is stamped on the way (statistics and trace spans).
         """
         loop = asyncio.get_running_loop()
-        rows, key = 0, ()
+        rows = 0
+        key: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
         if self.batching:
             first = next(iter(inputs.values()))
             rows = first.shape[0]

@@ -12,6 +12,7 @@ import uuid
 
 import grpc
 import numpy as np
+from prometheus_client import Counter
 
 import inferencehub
 from inferencehub import logs
@@ -71,6 +72,7 @@ def encode_outputs(response: pb.ModelInferResponse, specs, arrays: list[np.ndarr
         if raw:
             response.raw_output_contents.append(to_raw(array, dt))
         else:
+            assert dt.contents_field is not None  # raw otherwise
             getattr(out.contents, dt.contents_field).extend(to_values(array, dt))
 
 
@@ -79,7 +81,7 @@ def model_config(config: ModelConfig) -> pb.ModelConfig:
     batching = config.batching
     skip = 1 if batching else 0
 
-    def data_type(datatype: str) -> int:
+    def data_type(datatype: str) -> pb.DataType:
         return pb.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
 
     message = pb.ModelConfig(
@@ -113,7 +115,7 @@ class ModelChildren:
         self.model = model
         self.in_flight = metrics.in_flight.labels(model)
         self.duration = metrics.duration.labels(model)
-        self.requests: dict[grpc.StatusCode, object] = {}
+        self.requests: dict[grpc.StatusCode, Counter] = {}
 
     def count(self, code: grpc.StatusCode, start: float) -> None:
         counter = self.requests.get(code)

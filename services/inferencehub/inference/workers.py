@@ -159,7 +159,7 @@ class Workers:
                 self.processes = self._new_process_pool()
                 raise ModelNotReady(f"model '{config.name}': its worker process died; retry") from None
         if inspect.iscoroutinefunction(model.predict):
-            return await model.predict(inputs)  # type: ignore[misc]
+            return await model.predict(inputs)
         cost = self.costs.get(config.name)
         if cost is None:
             cost = self.costs[config.name] = Cost()

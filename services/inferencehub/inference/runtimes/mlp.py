@@ -70,7 +70,7 @@ class MLPClassifier(Model):
         with np.load(path) as data:
             self.mean = data["mean"].astype(np.float32)
             self.scale = data["scale"].astype(np.float32)
-            self.layers = []
+            self.layers: list[tuple[np.ndarray, np.ndarray]] = []
             while f"w{len(self.layers)}" in data:
                 i = len(self.layers)
                 self.layers.append((data[f"w{i}"].astype(np.float32), data[f"b{i}"].astype(np.float32)))

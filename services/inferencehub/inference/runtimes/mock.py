@@ -109,6 +109,7 @@ class _Mock(Model):
 class SleepMock(_Mock):
     """Waits without using CPU: runs on the event loop, any number at once."""
 
+    # Model.predict may be async (the engine awaits it, on the event loop), which its sync signature cannot say.
     async def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # type: ignore[override]
         await asyncio.sleep(self.latency.sample(self.rng))
         return self._echo(inputs)

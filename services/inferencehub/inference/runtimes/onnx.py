@@ -89,6 +89,7 @@ def _specs(config: ModelConfig, key: str, args: list[Any], file: str, *, strict:
         elif not shape:
             problem = "is a scalar (no dimensions), which a model config cannot describe"
         if problem is None:
+            assert datatype is not None  # a problem otherwise
             specs.append(TensorSpec(arg.name, datatype, shape))
         elif strict:
             hint = " (declare the outputs to serve without it)" if key == "outputs" else ""

@@ -38,6 +38,7 @@ def _model_package(config: ModelConfig) -> str:
     package = sys.modules.get(name)
     if package is None or list(getattr(package, "__path__", [])) != [str(config.directory)]:
         spec = importlib.util.spec_from_loader(name, loader=None, is_package=True)
+        assert spec is not None  # None only when a loader is given and cannot say whether it makes a package
         package = importlib.util.module_from_spec(spec)
         package.__path__ = [str(config.directory)]
         sys.modules[name] = package

@@ -157,7 +157,8 @@ class SklearnModel(Model):
         self.outputs = [spec.name for spec in self.config.outputs]
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = inputs[self.input.name]
+        data = inputs[self.input.name]
+        x: np.ndarray | list[str] = data
         if self.input.datatype == "BYTES":  # text rows, as a list of str for vectorisers
-            x = [item.decode("utf-8", "replace") for item in x]
+            x = [item.decode("utf-8", "replace") for item in data]
         return {name: np.asarray(getattr(self.estimator, name)(x)) for name in self.outputs}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "INFERENCEHUB_"
 T = TypeVar("T", bound="DataclassInstance")
-_TYPES = {"int": int, "float": float, "str": str, "Path": Path}
+_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "Path": Path}
 MODEL_CONTROL_MODES = ("none", "explicit", "poll")
 OTLP_HELP = (
     "OTLP/HTTP endpoint for traces, e.g. http://otel-collector:4318 (empty: tracing off unless "

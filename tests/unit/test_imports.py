@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "services" / "inferencehub"
+PACKAGE = Path(__file__).resolve().parents[2] / "services" / "inferencehub"
 
 
 def _modules() -> dict[str, Path]:

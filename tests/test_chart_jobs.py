@@ -207,8 +207,8 @@ def test_the_nats_pod_takes_the_chart_s_pod_settings_and_stable_labels():
     (claim,) = statefulset["spec"]["volumeClaimTemplates"]
     assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
     # An image registry of its own for NATS (a mirror of the official image).
-    own = render("--set", "image.registry=mine/", "--set", "jobs.nats.image.registry=docker.io/library/")
-    assert container_of(own, "StatefulSet", "nats")["image"] == "docker.io/library/nats:2.15.1-alpine"
+    own = render("--set", "image.registry=mine/", "--set", "jobs.nats.image.registry=mirror.example.com/library/")
+    assert container_of(own, "StatefulSet", "nats")["image"] == "mirror.example.com/library/nats:2.15.1-alpine"
     # The pod template's labels and the selector are the same for every chart version: a chart-only upgrade
     # leaves the pod alone.
     for labels in (pod_labels(statefulset), statefulset["spec"]["selector"]["matchLabels"]):

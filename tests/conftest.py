@@ -8,6 +8,7 @@ in subprocesses, as users run them, and tests speak to them over real sockets.
 from __future__ import annotations
 
 import contextlib
+import csv
 import http.client
 import json
 import os
@@ -16,10 +17,12 @@ import signal
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -382,3 +385,72 @@ def start_up() -> Iterator:
     yield start
     for up in started:
         up.finish()
+
+
+# --- data and metric helpers shared by several test modules --------------------------------------------------
+
+ALL_DATATYPES = [
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+]
+
+
+def sample(datatype: str, n: int = 5) -> np.ndarray:
+    if datatype == "BOOL":
+        return np.array([True, False, True, True, False][:n])
+    if datatype == "BYTES":
+        return np.array([b"a", b"", "héllo".encode(), b"\x00\xff", b"z" * 300][:n], dtype=object)
+    np_dtype = np.dtype(datatype.replace("FP", "float").replace("UINT", "uint").replace("INT", "int").lower())
+    info = np.iinfo(np_dtype) if np_dtype.kind in "iu" else np.finfo(np_dtype)
+    return np.array([info.min, info.max, 0, 1, 2][:n], dtype=np_dtype)
+
+
+def held_out_iris() -> tuple[np.ndarray, np.ndarray]:
+    with (ROOT / "data" / "iris.csv").open() as f:
+        rows = list(csv.reader(f))[1:]
+    classes = ["setosa", "versicolor", "virginica"]
+    test = [r for i, r in enumerate(rows) if i % 5 == 4]
+    x = np.array([[float(v) for v in r[:4]] for r in test], dtype=np.float32)
+    y = np.array([classes.index(r[4]) for r in test], dtype=np.int64)
+    return x, y
+
+
+TYPED_FIELDS = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}  # the OIP's typed field of each datatype, written out here rather than taken from the code under test
+
+
+IRIS_ROW = {"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}
+
+
+def scrape(replica) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=5).read().decode()
+
+
+def sample_value(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

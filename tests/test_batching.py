@@ -8,11 +8,10 @@ import time
 import grpc
 import numpy as np
 import pytest
-from test_grpcurl_and_metrics import sample_value, scrape
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from conftest import ROOT, SHIPPED, TEST_MODELS, Gateway, Replica, model_repository, wait_for
+from conftest import ROOT, SHIPPED, TEST_MODELS, Gateway, Replica, model_repository, sample_value, scrape, wait_for
 
 
 def raw_request(model: str, outputs: list[str] = (), **arrays: np.ndarray) -> pb.ModelInferRequest:

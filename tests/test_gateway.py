@@ -9,10 +9,20 @@ import time
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
-from test_inference_service import ALL_DATATYPES, held_out_iris, sample
 from tritonclient.utils import InferenceServerException
 
-from conftest import SHIPPED, TEST_MODELS, Gateway, Replica, model_repository, wait_for
+from conftest import (
+    ALL_DATATYPES,
+    IRIS_ROW,
+    SHIPPED,
+    TEST_MODELS,
+    Gateway,
+    Replica,
+    held_out_iris,
+    model_repository,
+    sample,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +176,6 @@ def binary_body(header: dict, *blobs: bytes) -> tuple[bytes, dict[str, str]]:
     head = json.dumps(header).encode()
     return head + b"".join(blobs), {"Inference-Header-Content-Length": str(len(head))}
 
-
-IRIS_ROW = {"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}
 
 BAD_BODIES = [
     ("{not json", "not valid JSON"),

@@ -12,10 +12,9 @@ import urllib.request
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_gateway import IRIS_ROW
-from test_inference_service import ALL_DATATYPES as DATATYPES
 
-from conftest import Gateway
+from conftest import ALL_DATATYPES as DATATYPES
+from conftest import IRIS_ROW, Gateway
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

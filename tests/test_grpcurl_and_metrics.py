@@ -7,13 +7,14 @@ import re
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
+
+from conftest import sample_value, scrape
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
@@ -53,17 +54,6 @@ def test_grpcurl_list_describe_and_call(replica):
 
     health = json.loads(grpcurl("-d", '{"service": "iris"}', replica.target, "grpc.health.v1.Health/Check"))
     assert health == {"status": "SERVING"}
-
-
-def scrape(replica) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=5).read().decode()
-
-
-def sample_value(text: str, name: str, **labels: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_prometheus_metrics(replica):

@@ -14,11 +14,10 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from test_inference_service import ALL_DATATYPES, TYPED_FIELDS
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from conftest import Gateway, Replica, health_status, wait_for
+from conftest import ALL_DATATYPES, TYPED_FIELDS, Gateway, Replica, health_status, wait_for
 
 BILLIONS = 3_000_000_000  # elements declared; a request carries a handful of bytes
 

@@ -8,8 +8,6 @@ symbols, and one process cannot hold both.)
 
 from __future__ import annotations
 
-import csv
-
 import grpc
 import numpy as np
 import pytest
@@ -18,33 +16,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT
-
-ALL_DATATYPES = [
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-    "BYTES",
-]
-
-
-def sample(datatype: str, n: int = 5) -> np.ndarray:
-    if datatype == "BOOL":
-        return np.array([True, False, True, True, False][:n])
-    if datatype == "BYTES":
-        return np.array([b"a", b"", "héllo".encode(), b"\x00\xff", b"z" * 300][:n], dtype=object)
-    np_dtype = np.dtype(datatype.replace("FP", "float").replace("UINT", "uint").replace("INT", "int").lower())
-    info = np.iinfo(np_dtype) if np_dtype.kind in "iu" else np.finfo(np_dtype)
-    return np.array([info.min, info.max, 0, 1, 2][:n], dtype=np_dtype)
+from conftest import ALL_DATATYPES, ROOT, TYPED_FIELDS, held_out_iris, sample
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +58,6 @@ def test_model_metadata(client):
     assert metadata["platform"] == "numpy_mlp"
     assert metadata["inputs"] == [{"name": "features", "datatype": "FP32", "shape": ["-1", "4"]}]
     assert [o["name"] for o in metadata["outputs"]] == ["probabilities", "label"]
-
-
-def held_out_iris() -> tuple[np.ndarray, np.ndarray]:
-    with (ROOT / "data" / "iris.csv").open() as f:
-        rows = list(csv.reader(f))[1:]
-    classes = ["setosa", "versicolor", "virginica"]
-    test = [r for i, r in enumerate(rows) if i % 5 == 4]
-    x = np.array([[float(v) for v in r[:4]] for r in test], dtype=np.float32)
-    y = np.array([classes.index(r[4]) for r in test], dtype=np.int64)
-    return x, y
 
 
 def test_iris_known_samples_and_held_out_accuracy(client):
@@ -143,22 +105,6 @@ def test_mock_echoes_every_datatype_raw(client):
         assert out.tolist() == expected.tolist(), t
         if t != "BYTES":
             assert out.dtype == expected.dtype, t
-
-
-TYPED_FIELDS = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}  # the OIP's typed field of each datatype, written out here rather than taken from the code under test
 
 
 def typed_request(arrays: dict[str, np.ndarray], model: str = "echo-all") -> pb.ModelInferRequest:

@@ -23,14 +23,13 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.pipeline import make_pipeline
-from test_grpcurl_and_metrics import sample_value, scrape
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from inferencehub.errors import ConfigError
 from inferencehub.inference.repository import load_repository
 
-from conftest import ROOT, Gateway, Replica, build_example_models
+from conftest import ROOT, Gateway, Replica, build_example_models, sample_value, scrape
 
 DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64}
 

@@ -7,6 +7,7 @@ in subprocesses, as users run them, and tests speak to them over real sockets.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import http.client
@@ -14,6 +15,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -24,6 +26,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import yaml
+from dnslib import QTYPE, RR, A
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inferencehub.processes import Child, ChildError, NatsChild, gateway_command, inference_command
@@ -454,3 +459,173 @@ def sample_value(text: str, name: str, **labels: str) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+# --- an emulated headless Service, and load through the gateway ----------------------------------------------
+
+HEADLESS_NAME = "inference.test."  # the replicas' name in the tests' DNS server
+FAST_BODY = {"inputs": [{"name": "input", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}]}  # tests/models/fast
+
+
+class DnsRecords(BaseResolver):
+    """A-records for one name (changeable while the server runs), as the cluster's DNS gives a headless Service;
+    TTL 5 s by default, CoreDNS's for such records."""
+
+    def __init__(self, name: str = HEADLESS_NAME, addresses: list[str] | None = None, ttl: int = 5) -> None:
+        self.name, self.addresses, self.ttl = name.rstrip(".") + ".", list(addresses or []), ttl
+
+    def resolve(self, request, handler):
+        reply = request.reply()
+        if str(request.q.qname) == self.name and request.q.qtype == QTYPE.A:
+            for address in list(self.addresses):
+                reply.add_answer(RR(self.name, QTYPE.A, rdata=A(address), ttl=self.ttl))
+        return reply
+
+
+@contextlib.contextmanager
+def dns_server(records: DnsRecords) -> Iterator[int]:
+    """A DNS server on a free loopback port answering ``records``; yields its port."""
+    server = DNSServer(records, address="127.0.0.1", port=0, logger=DNSLogger(logf=lambda *_: None))
+    server.start_thread()
+    try:
+        yield server.server.server_address[1]
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def dns() -> Iterator[tuple[DnsRecords, int]]:
+    """The headless Service's records (empty at first) and the port of the DNS server answering them."""
+    records = DnsRecords()
+    with dns_server(records) as port:
+        yield records, port
+
+
+class Load:
+    """Requests through the gateway from a few threads until stopped (bounded by ``seconds``)."""
+
+    def __init__(self, gateway: Gateway, threads: int = 8, seconds: float = 30.0) -> None:
+        self.gateway = gateway
+        self.statuses: collections.Counter[int] = collections.Counter()
+        self.replicas: collections.Counter[str] = collections.Counter()
+        self.stopping = threading.Event()
+        self.deadline = time.monotonic() + seconds
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set() and time.monotonic() < self.deadline:
+            try:
+                response = self.gateway.request("POST", "/v2/models/fast/infer", FAST_BODY, timeout=40)
+                status, replica = response.status, response.headers.get("x-inferencehub-replica", "")
+            except OSError:
+                status, replica = -1, ""
+            with self.lock:
+                self.statuses[status] += 1
+                self.replicas[replica] += 1
+
+    def stop(self) -> collections.Counter[int]:
+        self.stopping.set()
+        return self.finish()
+
+    def finish(self) -> collections.Counter[int]:
+        """Wait until the load has run its ``seconds``."""
+        for thread in self.threads:
+            thread.join(60 + max(0.0, self.deadline - time.monotonic()))
+        return self.statuses
+
+
+def check_drill(statuses: collections.Counter[int], sig: signal.Signals, threads: int = 8) -> None:
+    """A draining replica (SIGTERM) costs no request. A replica that dies or freezes fails the calls it was
+    running, each once, with a 503 (the gateway never replays a call a replica may have begun): at most one
+    per client thread; every other request succeeds."""
+    allowed = {200} if sig == signal.SIGTERM else {200, 503}
+    assert set(statuses) <= allowed and statuses[503] <= threads, f"{sig.name}: {statuses}"
+    assert statuses[200] > 50, f"{sig.name}: {statuses}"
+
+
+def served_by(gateway: Gateway, count: int) -> collections.Counter[str]:
+    seen: collections.Counter[str] = collections.Counter()
+    for _ in range(count):
+        response = gateway.request("POST", "/v2/models/fast/infer", FAST_BODY)
+        assert response.status == 200, response
+        seen[response.headers["x-inferencehub-replica"]] += 1
+    return seen
+
+
+# --- the Helm chart: renders, and processes started as the rendered manifests say ----------------------------
+
+CHART = ROOT / "charts" / "inferencehub"
+TOOLS = ROOT / ".cache" / "tools"
+HELMS = {"helm3": TOOLS / "helm-3" / "helm", "helm4": TOOLS / "helm-4" / "helm"}
+NAMESPACE = "demo"
+RELEASE = "inferencehub"
+KUBERNETES = ["1.29.0", "1.37.0"]  # the oldest supported and the newest bundled schemas
+
+
+def helm(version: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(HELMS[version]), *args], capture_output=True, text=True, timeout=60)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def render(version: str = "helm3", values: list[str] | None = None) -> list[dict]:
+    out = helm(version, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *(values or [])).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def by_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects: list[dict], kind: str, component: str) -> dict:
+    found = [o for o in by_kind(objects, kind) if o["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    assert len(found) == 1, f"{kind} {component}: {len(found)}"
+    return found[0]
+
+
+def without_random_passwords(objects: list[dict]) -> list[dict]:
+    """The objects with the job queue's generated NATS passwords (random at each render) blanked."""
+    blanked = []
+    for obj in objects:
+        if obj["kind"] == "Secret" and obj["metadata"]["name"].endswith("-nats-auth"):
+            obj = {**obj, "data": dict.fromkeys(obj["data"], "")}
+        blanked.append(obj)
+    return blanked
+
+
+class Manifested(Server):
+    """A process started with the command, args and env of a rendered container."""
+
+    def __init__(self, container: dict, env_overrides: dict[str, str]) -> None:
+        env = {}
+        for item in container["env"]:
+            if "value" in item:
+                env[item["name"]] = item["value"]
+            elif "secretKeyRef" in item["valueFrom"]:  # the job queue's password (no NATS server here)
+                env[item["name"]] = "from-the-secret"
+            else:  # the Downward API's pod name
+                assert item["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+                env[item["name"]] = f"{container['name']}-pod-0"
+        env.update(env_overrides)
+        assert container["command"] == ["inferencehub"]
+        super().__init__([sys.executable, "-m", "inferencehub", *container["args"]], env)
+
+
+def grpc_probe(target: str, service: str) -> bool:
+    try:
+        return health_status(target, service) == "SERVING"
+    except Exception:
+        return False
+
+
+def http_status(host: str, port: int, path: str) -> int:
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=2)
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except OSError:
+        return 0

@@ -6,23 +6,32 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 
 import kubernetes_validate
 import pytest
 import yaml
-from dnslib import QTYPE, RR, A
-from dnslib.server import BaseResolver, DNSLogger, DNSServer
+from dnslib.server import DNSLogger, DNSServer
 
-from conftest import ROOT, Server, health_status, wait_for
+from conftest import (
+    CHART,
+    HELMS,
+    KUBERNETES,
+    NAMESPACE,
+    RELEASE,
+    ROOT,
+    DnsRecords,
+    Manifested,
+    by_kind,
+    grpc_probe,
+    helm,
+    http_status,
+    one,
+    render,
+    wait_for,
+    without_random_passwords,
+)
 
-CHART = ROOT / "charts" / "inferencehub"
-TOOLS = ROOT / ".cache" / "tools"
-HELMS = {"helm3": TOOLS / "helm-3" / "helm", "helm4": TOOLS / "helm-4" / "helm"}
-NAMESPACE = "demo"
 PARTS = ("gateway", "inference")
-RELEASE = "inferencehub"
-KUBERNETES = ["1.29.0", "1.37.0"]  # the oldest supported and the newest bundled schemas
 
 MODELS_VALUES = {
     "inference": {
@@ -105,28 +114,6 @@ def helm_installed():
     assert not missing, f"run `make tools` (or `python scripts/install_tools.py`): missing {missing}"
 
 
-def helm(version: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(HELMS[version]), *args], capture_output=True, text=True, timeout=60)
-    if check:
-        assert done.returncode == 0, done.stderr
-    return done
-
-
-def render(version: str = "helm3", values: list[str] | None = None) -> list[dict]:
-    out = helm(version, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *(values or [])).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
-
-
-def by_kind(objects: list[dict], kind: str) -> list[dict]:
-    return [o for o in objects if o["kind"] == kind]
-
-
-def one(objects: list[dict], kind: str, component: str) -> dict:
-    found = [o for o in by_kind(objects, kind) if o["metadata"]["labels"]["app.kubernetes.io/component"] == component]
-    assert len(found) == 1, f"{kind} {component}: {len(found)}"
-    return found[0]
-
-
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:
     return {name: render("helm3", values) for name, values in VALUE_SETS.items()}
@@ -136,16 +123,6 @@ def rendered() -> dict[str, list[dict]]:
 @pytest.mark.parametrize("values", VALUE_SETS)
 def test_lint_strict(version, values):
     helm(version, "lint", "--strict", str(CHART), *VALUE_SETS[values])
-
-
-def without_random_passwords(objects: list[dict]) -> list[dict]:
-    """The objects with the job queue's generated NATS passwords (random at each render) blanked."""
-    blanked = []
-    for obj in objects:
-        if obj["kind"] == "Secret" and obj["metadata"]["name"].endswith("-nats-auth"):
-            obj = {**obj, "data": dict.fromkeys(obj["data"], "")}
-        blanked.append(obj)
-    return blanked
 
 
 @pytest.mark.parametrize("values", VALUE_SETS)
@@ -353,35 +330,6 @@ def test_helm_test_pods_check_the_gateway_and_grpc_health(rendered):
 # --- the wiring test: the chart and the code must agree -------------------------------------
 
 
-class Records(BaseResolver):
-    def __init__(self, name: str, address: str) -> None:
-        self.name, self.address = name.rstrip(".") + ".", address
-
-    def resolve(self, request, handler):
-        reply = request.reply()
-        if str(request.q.qname) == self.name and request.q.qtype == QTYPE.A:
-            reply.add_answer(RR(self.name, QTYPE.A, rdata=A(self.address), ttl=1))
-        return reply
-
-
-class Manifested(Server):
-    """A process started with the command, args and env of a rendered container."""
-
-    def __init__(self, container: dict, env_overrides: dict[str, str]) -> None:
-        env = {}
-        for item in container["env"]:
-            if "value" in item:
-                env[item["name"]] = item["value"]
-            elif "secretKeyRef" in item["valueFrom"]:  # the job queue's password (no NATS server here)
-                env[item["name"]] = "from-the-secret"
-            else:  # the Downward API's pod name
-                assert item["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-                env[item["name"]] = f"{container['name']}-pod-0"
-        env.update(env_overrides)
-        assert container["command"] == ["inferencehub"]
-        super().__init__([sys.executable, "-m", "inferencehub", *container["args"]], env)
-
-
 def test_wiring_rendered_deployments_start_pass_their_probes_and_serve(rendered):
     objects = rendered["defaults"]
     inference = one(objects, "Deployment", "inference")["spec"]["template"]["spec"]["containers"][0]
@@ -398,7 +346,7 @@ def test_wiring_rendered_deployments_start_pass_their_probes_and_serve(rendered)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             spec = inference[probe]["grpc"]
             wait_for(
-                lambda s=spec: _grpc_probe(f"{inference_host}:{s['port']}", s["service"]),
+                lambda s=spec: grpc_probe(f"{inference_host}:{s['port']}", s["service"]),
                 timeout=60,
                 what=f"the inference {probe}",
             )
@@ -407,7 +355,10 @@ def test_wiring_rendered_deployments_start_pass_their_probes_and_serve(rendered)
         upstream = next(e["value"] for e in gateway["env"] if e["name"] == "INFERENCEHUB_UPSTREAM")
         name, target_port = re.fullmatch(r"dns:///([^:]+):(\d+)", upstream).groups()
         records = DNSServer(
-            Records(name, inference_host), address="127.0.0.1", port=0, logger=DNSLogger(logf=lambda *_: None)
+            DnsRecords(name, [inference_host], ttl=1),
+            address="127.0.0.1",
+            port=0,
+            logger=DNSLogger(logf=lambda *_: None),
         )
         records.start_thread()
         dns_port = records.server.server_address[1]
@@ -423,7 +374,7 @@ def test_wiring_rendered_deployments_start_pass_their_probes_and_serve(rendered)
             spec = gateway[probe]["httpGet"]
             probe_port = next(p["containerPort"] for p in gateway["ports"] if p["name"] == spec["port"])
             wait_for(
-                lambda p=probe_port, s=spec: _http_status(gateway_host, p, s["path"]) == 200,
+                lambda p=probe_port, s=spec: http_status(gateway_host, p, s["path"]) == 200,
                 timeout=30,
                 what=f"the gateway {probe}",
             )
@@ -448,24 +399,6 @@ def test_wiring_rendered_deployments_start_pass_their_probes_and_serve(rendered)
             server.kill()
         if records is not None:
             records.stop()
-
-
-def _grpc_probe(target: str, service: str) -> bool:
-    try:
-        return health_status(target, service) == "SERVING"
-    except Exception:
-        return False
-
-
-def _http_status(host: str, port: int, path: str) -> int:
-    import http.client
-
-    try:
-        conn = http.client.HTTPConnection(host, port, timeout=2)
-        conn.request("GET", path)
-        return conn.getresponse().status
-    except OSError:
-        return 0
 
 
 # --- images, skaffold, the kind path ---------------------------------------------------------

@@ -15,24 +15,24 @@ import kubernetes_validate
 import pytest
 from dnslib.server import DNSLogger, DNSServer
 from pki import CA
-from test_chart import (
+
+from conftest import (
     CHART,
     HELMS,
     KUBERNETES,
     NAMESPACE,
     RELEASE,
+    DnsRecords,
     Manifested,
-    Records,
-    _grpc_probe,
-    _http_status,
     by_kind,
+    grpc_probe,
     helm,
+    http_status,
     one,
     render,
+    wait_for,
     without_random_passwords,
 )
-
-from conftest import wait_for
 
 KEY = "ih_chart_wiring_key_5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d"
 HASHED_LINE = f"sha256:{hashlib.sha256(KEY.encode()).hexdigest()} wiring"
@@ -309,11 +309,11 @@ def test_wiring_with_tls_and_api_keys_on(rendered, tmp_path):
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             spec = inference[probe]["grpc"]
             wait_for(
-                lambda s=spec: _grpc_probe(f"{inference_host}:{s['port']}", s["service"]),
+                lambda s=spec: grpc_probe(f"{inference_host}:{s['port']}", s["service"]),
                 timeout=60,
                 what=f"the inference {probe} on the health-only port",
             )
-        assert not _grpc_probe(f"{inference_host}:{grpc_port}", "")  # the gRPC port refuses plaintext
+        assert not grpc_probe(f"{inference_host}:{grpc_port}", "")  # the gRPC port refuses plaintext
 
         def health_over_tls(cert: bytes, key: bytes) -> grpc.StatusCode:
             credentials = grpc.ssl_channel_credentials(ca.pem, key, cert)
@@ -333,7 +333,10 @@ def test_wiring_with_tls_and_api_keys_on(rendered, tmp_path):
         genv = env_of(gateway)
         name, target_port = re.fullmatch(r"dns:///([^:]+):(\d+)", genv["INFERENCEHUB_UPSTREAM"]).groups()
         records = DNSServer(
-            Records(name, inference_host), address="127.0.0.1", port=0, logger=DNSLogger(logf=lambda *_: None)
+            DnsRecords(name, [inference_host], ttl=1),
+            address="127.0.0.1",
+            port=0,
+            logger=DNSLogger(logf=lambda *_: None),
         )
         records.start_thread()
         overrides = materialize(pod_spec(objects, "gateway"), gateway, files, tmp_path)
@@ -349,7 +352,7 @@ def test_wiring_with_tls_and_api_keys_on(rendered, tmp_path):
         http_port = next(p["containerPort"] for p in gateway["ports"] if p["name"] == "http")
         for probe in ("livenessProbe", "readinessProbe"):  # open: the kubelet carries no key
             path = gateway[probe]["httpGet"]["path"]
-            wait_for(lambda p=path: _http_status(gateway_host, http_port, p) == 200, timeout=30, what=probe)
+            wait_for(lambda p=path: http_status(gateway_host, http_port, p) == 200, timeout=30, what=probe)
 
         body = json.dumps(
             {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [6.3, 3.3, 6.0, 2.5]}]}

@@ -13,98 +13,24 @@ import collections
 import json
 import re
 import signal
-import threading
 import time
 
 import pytest
-from dnslib import QTYPE, RR, A
-from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
-from conftest import TEST_MODELS, Gateway, Replica, health_status, model_repository, wait_for
+from conftest import HEADLESS_NAME as NAME
+from conftest import (
+    TEST_MODELS,
+    Gateway,
+    Load,
+    Replica,
+    check_drill,
+    health_status,
+    model_repository,
+    served_by,
+    wait_for,
+)
 
-NAME = "inference.test."
-TTL = 5
-BODY = {"inputs": [{"name": "input", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}]}
 POLICIES = ["round_robin", "weighted_round_robin"]
-
-
-class Records(BaseResolver):
-    """A-records for one name, changeable while the server runs."""
-
-    def __init__(self) -> None:
-        self.addresses: list[str] = []
-
-    def resolve(self, request, handler):
-        reply = request.reply()
-        if str(request.q.qname) == NAME and request.q.qtype == QTYPE.A:
-            for address in list(self.addresses):
-                reply.add_answer(RR(NAME, QTYPE.A, rdata=A(address), ttl=TTL))
-        return reply
-
-
-@pytest.fixture
-def dns():
-    records = Records()
-    server = DNSServer(records, address="127.0.0.1", port=0, logger=DNSLogger(logf=lambda *_: None))
-    server.start_thread()
-    try:
-        yield records, server.server.server_address[1]
-    finally:
-        server.stop()
-
-
-class Load:
-    """Requests through the gateway from a few threads until stopped (bounded by ``seconds``)."""
-
-    def __init__(self, gateway: Gateway, threads: int = 8, seconds: float = 30.0) -> None:
-        self.gateway = gateway
-        self.statuses: collections.Counter[int] = collections.Counter()
-        self.replicas: collections.Counter[str] = collections.Counter()
-        self.stopping = threading.Event()
-        self.deadline = time.monotonic() + seconds
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-        for thread in self.threads:
-            thread.start()
-
-    def _run(self) -> None:
-        while not self.stopping.is_set() and time.monotonic() < self.deadline:
-            try:
-                response = self.gateway.request("POST", "/v2/models/fast/infer", BODY, timeout=40)
-                status, replica = response.status, response.headers.get("x-inferencehub-replica", "")
-            except OSError:
-                status, replica = -1, ""
-            with self.lock:
-                self.statuses[status] += 1
-                self.replicas[replica] += 1
-
-    def stop(self) -> collections.Counter[int]:
-        self.stopping.set()
-        return self.finish()
-
-    def finish(self) -> collections.Counter[int]:
-        """Wait until the load has run its ``seconds``."""
-        for thread in self.threads:
-            thread.join(60 + max(0.0, self.deadline - time.monotonic()))
-        return self.statuses
-
-
-def check_drill(statuses: collections.Counter[int], sig: signal.Signals, threads: int = 8) -> None:
-    """A draining replica (SIGTERM) costs no request. A replica that dies or freezes fails the calls it was
-    running, each once, with a 503 (the gateway never replays a call a replica may have begun): at most one
-    per client thread; every other request succeeds."""
-    allowed = {200} if sig == signal.SIGTERM else {200, 503}
-    assert set(statuses) <= allowed and statuses[503] <= threads, f"{sig.name}: {statuses}"
-    assert statuses[200] > 50, f"{sig.name}: {statuses}"
-
-
-def served_by(gateway: Gateway, count: int) -> collections.Counter[str]:
-    seen: collections.Counter[str] = collections.Counter()
-    for _ in range(count):
-        response = gateway.request("POST", "/v2/models/fast/infer", BODY)
-        assert response.status == 200, response
-        seen[response.headers["x-inferencehub-replica"]] += 1
-    return seen
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -18,12 +18,23 @@ from pathlib import Path
 
 import grpc
 import pytest
-from dnslib.server import DNSLogger, DNSServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pki import CA
-from test_load_balancing import BODY, NAME, Load, Records, check_drill, served_by
 
-from conftest import SHIPPED, TEST_MODELS, Gateway, Replica, health_status, model_repository, wait_for
+from conftest import FAST_BODY as BODY
+from conftest import HEADLESS_NAME as NAME
+from conftest import (
+    SHIPPED,
+    TEST_MODELS,
+    Gateway,
+    Load,
+    Replica,
+    check_drill,
+    health_status,
+    model_repository,
+    served_by,
+    wait_for,
+)
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 IRIS = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [6.3, 3.3, 6.0, 2.5]}]}
@@ -83,18 +94,6 @@ class Pki:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def dns_server():
-    """A DNS server answering for the emulated headless Service's name (as test_load_balancing.py's)."""
-    records = Records()
-    server = DNSServer(records, address="127.0.0.1", port=0, logger=DNSLogger(logf=lambda *_: None))
-    server.start_thread()
-    try:
-        yield records, server.server.server_address[1]
-    finally:
-        server.stop()
 
 
 class TlsReplica(Replica):
@@ -448,9 +447,9 @@ def test_bad_tls_settings_stop_start_up_with_a_clear_error(pki, tmp_path, which,
     assert "Traceback" not in done.stderr
 
 
-def test_load_balancing_and_failure_drills_over_tls(pki, tmp_path, dns_server):
+def test_load_balancing_and_failure_drills_over_tls(pki, tmp_path, dns):
     """test_load_balancing.py's spread and SIGKILL/SIGTERM drills, every hop over mutual TLS."""
-    records, dns_port = dns_server
+    records, dns_port = dns
     repo = model_repository(tmp_path, TEST_MODELS / "fast")
     args = (
         "--models",

@@ -16,7 +16,7 @@ install: $(STAMP)
 # The example scikit-learn and ONNX models, trained and exported here (nothing downloaded, nothing committed),
 # beside links to the shipped models: the repository `make run` serves.
 MODELS := build/models/.built
-$(MODELS): $(STAMP) scripts/build_models.py data/iris.csv $(wildcard services/inferencehub/model_repository/*/config.json)
+$(MODELS): $(STAMP) scripts/build_models.py scripts/train_iris.py data/iris.csv $(wildcard services/inferencehub/model_repository/*/config.json)
 	$(PY) scripts/build_models.py --out build/models --shipped
 	@touch $@
 

@@ -17,7 +17,6 @@ one repository serves them all (``make run`` serves build/models this way). Need
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -30,11 +29,10 @@ from skl2onnx.common.data_types import FloatTensorType
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from train_iris import held_out, load  # the shipped iris data, read and split as for the mlp
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "data" / "iris.csv"
 SHIPPED = ROOT / "services" / "inferencehub" / "model_repository"
-CLASSES = ("setosa", "versicolor", "virginica")
 
 # The sklearn model declares its input (FP32, named like the shipped iris model's) and leaves the outputs to the
 # model; the ONNX one leaves both to the model.
@@ -53,18 +51,6 @@ CONFIGS = {
         "batching": {"max_batch_size": 64},
     },
 }
-
-
-def load() -> tuple[np.ndarray, np.ndarray]:
-    with DATA.open() as f:
-        rows = list(csv.DictReader(f))
-    x = np.array([[float(r[k]) for k in list(r)[:4]] for r in rows], dtype=np.float32)
-    y = np.array([CLASSES.index(r["species"]) for r in rows], dtype=np.int64)
-    return x, y
-
-
-def held_out(n: int) -> np.ndarray:
-    return np.arange(n) % 5 == 4
 
 
 def train(x: np.ndarray, y: np.ndarray):

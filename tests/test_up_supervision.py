@@ -223,9 +223,17 @@ def test_nats_is_restarted_on_its_port_with_its_store(start_up):
     up.wait_line(f"nats is back: listening on {before['nats']}", 60)
     assert up.announced()["nats"] == before["nats"]
 
-    # The job stored before the restart is still there (same store folder), and new jobs go through.
-    shown = subprocess.run([*CLI, "jobs", "get", job, "--url", url], capture_output=True, text=True, timeout=60)
-    assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "succeeded", shown.stderr
+    # The gateway reconnects by itself (its client retries every 0.5 s); until it has, the queue answers a clear
+    # 503 and nothing else. Then the job stored before the restart is still there (same store folder).
+    def get_job():
+        shown = subprocess.run([*CLI, "jobs", "get", job, "--url", url], capture_output=True, text=True, timeout=60)
+        if shown.returncode != 0:
+            assert "503: the job queue" in shown.stderr, shown.stderr
+            return None
+        return shown
+
+    shown = wait_for(get_job, 20, interval=0.5, what="the gateway to reconnect to the restarted NATS")
+    assert json.loads(shown.stdout)["status"] == "succeeded", shown.stdout
     again = subprocess.run(
         [*CLI, "infer", "iris", "--async", "--data", "[[5.1, 3.5, 1.4, 0.2]]", "--url", url, "--timeout", "60"],
         capture_output=True,

@@ -36,6 +36,7 @@ from inferencehub.gateway.http_errors import HTTP_STATUS, RETRY_AFTER_SECONDS, e
 from inferencehub.gateway.keys import UPSTREAM
 from inferencehub.gateway.upstream import UpstreamError
 from inferencehub.jobqueue import FINAL, QUEUED, SUCCEEDED, JobRecord
+from inferencehub.oip.signature import Signature
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.settings import GatewaySettings
 from inferencehub.tracing import Tracing
@@ -113,7 +114,7 @@ class JobQueue:
         self.js: JetStreamContext | None = None
         self.kv: KeyValue | None = None
         self.problem = "not connected yet"
-        self.metadata: dict[tuple[str, str], tuple[float, tuple[pb.ModelMetadataResponse, int]]] = {}
+        self.metadata: dict[tuple[str, str], tuple[float, Signature]] = {}  # (model, version) -> (expiry, signature)
         self.tasks: list[asyncio.Task] = []
         self.models_seen: set[str] = set()
         self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_JOBS)  # newest last
@@ -492,9 +493,9 @@ class JobQueue:
 
     # --- checks before queueing ----------------------------------------------------------
 
-    async def model_metadata(self, upstream, message, request_id: str) -> tuple[pb.ModelMetadataResponse, int] | None:
-        """The model's metadata and max_batch_size (0: no batching), cached briefly; None when no replica answers
-        now: the job may wait for one."""
+    async def signature(self, upstream, message, request_id: str) -> Signature | None:
+        """The model's signature from its metadata and max_batch_size (0: no batching), cached briefly; None when
+        no replica answers now: the job may wait for one."""
         key = (message.model_name, message.model_version)
         cached = self.metadata.get(key)
         if cached is not None and cached[0] > time.monotonic():
@@ -517,7 +518,7 @@ class JobQueue:
             if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 raise
             return None
-        found = (metadata, config.config.max_batch_size)
+        found = Signature.of_metadata(metadata, config.config.max_batch_size)
         self.metadata[key] = (time.monotonic() + METADATA_TTL, found)
         return found
 
@@ -561,9 +562,9 @@ async def submit(
     idempotency = _idempotency(request)
     try:
         jobs.check_available()
-        model = await jobs.model_metadata(request.app[UPSTREAM], message, logs.request_id.get())
-        if model is not None:
-            jobqueue.check_request(message, *model)
+        signature = await jobs.signature(request.app[UPSTREAM], message, logs.request_id.get())
+        if signature is not None:  # the replica's checks, with its words, before the job is queued
+            signature.check(message)
         record, _ = await jobs.submit(message, plan, idempotency)
         if wait > 0 and record.status not in FINAL:
             record = await jobs.wait(record.id, wait) or record

@@ -37,9 +37,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inferencehub import jobqueue, logs
 from inferencehub.buckets import LATENCY_BUCKETS
-from inferencehub.errors import InferenceHubError, ModelNotReady, Overloaded
+from inferencehub.errors import InferenceHubError, ModelNotReady
+from inferencehub.inference import pipeline
 from inferencehub.inference.engine import Engine, ServedModel
-from inferencehub.inference.servicer import decode_inputs, encode_outputs
 from inferencehub.jobqueue import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobRecord
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.settings import InferenceSettings
@@ -354,7 +354,7 @@ class JobRunner:
         self.metrics.queued.labels(name).observe(max(0.0, jobqueue.now() - created))
         started = time.perf_counter()
         assert request is not None  # claim() failed an unreadable job
-        work = asyncio.create_task(self._infer(served, request))
+        work = asyncio.create_task(pipeline.infer(self.engine, request, wait_when_full=True))
         beat = asyncio.create_task(self._heartbeat(message, job_id, work))
         try:
             response = await work
@@ -444,22 +444,6 @@ class JobRunner:
                     work.cancel()
                     return "cancelled"
         return "done"
-
-    async def _infer(self, served: ServedModel, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        served = self.engine.get(request.model_name, request.model_version)
-        inputs = decode_inputs(request, served)
-        specs = served.output_specs([o.name for o in request.outputs])
-        while True:
-            try:
-                arrays = await self.engine.infer(served, inputs, specs, None)
-                break
-            except Overloaded:  # synchronous calls filled the model's queue: keep the job and try again
-                await asyncio.sleep(0.05)
-        response = pb.ModelInferResponse(
-            model_name=served.config.name, model_version=served.config.version, id=request.id
-        )
-        encode_outputs(response, specs, arrays, raw=bool(request.raw_input_contents))
-        return response
 
     async def stop(self, grace: float) -> None:
         """Stop pulling at once; give held jobs ``grace`` seconds to finish, then hand the rest back."""

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from inferencehub.oip.plan import OutputPlan
+
 if TYPE_CHECKING:  # nats is imported when a queue is configured, not with this module
     from nats.aio.client import Client as NATS
 
@@ -129,6 +131,11 @@ class JobRecord:
         (length,) = struct.unpack(">I", data[4:8])
         doc = json.loads(data[8 : 8 + length])
         return cls(**doc, result=bytes(data[8 + length :]))
+
+    @property
+    def plan(self) -> OutputPlan:
+        """Which outputs of the result go back as binary data."""
+        return OutputPlan(self.binary_default, self.binary)
 
     def evolve(self, **changes) -> JobRecord:
         return replace(self, **changes)
@@ -283,10 +290,3 @@ async def layout_missing(js) -> bool:
 
 def now() -> float:
     return time.time()
-
-
-PLAN_HEADER = "Inferencehub-Output-Plan"
-
-
-def plan_header(binary_default: bool, binary: dict[str, bool]) -> str:
-    return json.dumps({"binary_default": binary_default, "binary": binary}, separators=(",", ":"))

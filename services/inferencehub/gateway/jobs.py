@@ -36,6 +36,8 @@ from inferencehub.gateway.http_errors import HTTP_STATUS, RETRY_AFTER_SECONDS, e
 from inferencehub.gateway.keys import UPSTREAM
 from inferencehub.gateway.upstream import UpstreamError
 from inferencehub.jobqueue import FINAL, QUEUED, SUCCEEDED, JobRecord
+from inferencehub.oip.plan import HEADER as PLAN_HEADER
+from inferencehub.oip.plan import OutputPlan
 from inferencehub.oip.signature import Signature
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.settings import GatewaySettings
@@ -239,7 +241,7 @@ class JobQueue:
     # --- submit, read, cancel, wait ------------------------------------------------------
 
     async def submit(
-        self, message: pb.ModelInferRequest, plan: rest.OutputPlan, idempotency: str | None
+        self, message: pb.ModelInferRequest, plan: OutputPlan, idempotency: str | None
     ) -> tuple[JobRecord, bool]:
         """Queue the job; returns its record and whether it is new (False: the Idempotency-Key's job)."""
         self.check_available()
@@ -348,7 +350,7 @@ class JobQueue:
             "Nats-Msg-Id": job_id,
             jobqueue.JOB_HEADER: job_id,
             jobqueue.CREATED_HEADER: repr(created),
-            jobqueue.PLAN_HEADER: jobqueue.plan_header(plan.binary_default, plan.binary),
+            PLAN_HEADER: plan.header(),
         }
         if self.tracing is not None:  # the replica's job span links back to the submitting request's trace
             headers.update(self.tracing.inject())
@@ -554,9 +556,7 @@ def _idempotency(request: web.Request) -> str | None:
     return key
 
 
-async def submit(
-    request: web.Request, message: pb.ModelInferRequest, plan: rest.OutputPlan, wait: float
-) -> web.Response:
+async def submit(request: web.Request, message: pb.ModelInferRequest, plan: OutputPlan, wait: float) -> web.Response:
     """Queue a validated request as a job (the infer route calls this for ``Prefer: respond-async``)."""
     jobs = request.app[JOBS]
     idempotency = _idempotency(request)
@@ -584,7 +584,7 @@ def finished_response(record: JobRecord) -> web.Response:
     """What the synchronous route would have answered for a finished job."""
     if record.status == SUCCEEDED:
         response = pb.ModelInferResponse.FromString(record.result)
-        payload, headers = rest.render_infer_response(response, rest.OutputPlan(record.binary_default, record.binary))
+        payload, headers = rest.render_infer_response(response, record.plan)
         return web.Response(body=payload, headers=headers)
     if record.status == jobqueue.FAILED:
         code = getattr(grpc.StatusCode, record.error_code, grpc.StatusCode.INTERNAL)
@@ -613,7 +613,7 @@ def job_response(record: JobRecord, status: int = 200) -> web.Response:
     blobs = b""
     if record.status == SUCCEEDED:
         response = pb.ModelInferResponse.FromString(record.result)
-        payload, headers = rest.render_infer_response(response, rest.OutputPlan(record.binary_default, record.binary))
+        payload, headers = rest.render_infer_response(response, record.plan)
         length = headers.get(rest.HEADER_LENGTH)
         if length is None:
             doc["result"] = orjson.Fragment(payload)

@@ -1,6 +1,7 @@
-"""The transport-free data plane: the served models, their state, validation and calls.
+"""The transport-free data plane: the served models, their state and their calls.
 
-The gRPC servicer only converts protobuf to numpy and back and delegates here.
+Requests reach it through ``inference/pipeline.py`` (checked and decoded by ``oip.codec`` against each model's
+``Signature``); the engine queues them on the model's scheduler and checks what the model returns.
 """
 
 from __future__ import annotations

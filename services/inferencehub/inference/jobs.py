@@ -41,6 +41,8 @@ from inferencehub.errors import InferenceHubError, ModelNotReady
 from inferencehub.inference import pipeline
 from inferencehub.inference.engine import Engine, ServedModel
 from inferencehub.jobqueue import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobRecord
+from inferencehub.oip.plan import HEADER as PLAN_HEADER
+from inferencehub.oip.plan import OutputPlan
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.settings import InferenceSettings
 
@@ -307,7 +309,7 @@ class JobRunner:
             await message.term()
             return
         created = float(headers.get(jobqueue.CREATED_HEADER, "0") or 0) or jobqueue.now()
-        plan = _plan(headers.get(jobqueue.PLAN_HEADER, ""))
+        plan = OutputPlan.from_header(headers.get(PLAN_HEADER, ""))
         give_up = delivered > self.settings.jobs_max_attempts
         failed_here = []
         request = None
@@ -324,7 +326,8 @@ class JobRunner:
                 status=QUEUED,
                 created=created,
                 seq=message.metadata.sequence.stream,
-                **plan,
+                binary_default=plan.binary_default,
+                binary=dict(plan.binary),
             )
             if give_up:
                 failed_here.append(True)
@@ -469,13 +472,3 @@ class JobRunner:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), 5)
         log.debug("jobs: stopped")
-
-
-def _plan(header: str) -> dict:
-    import json
-
-    try:
-        doc = json.loads(header)
-        return {"binary_default": bool(doc.get("binary_default")), "binary": dict(doc.get("binary") or {})}
-    except (ValueError, TypeError, AttributeError):
-        return {"binary_default": False, "binary": {}}

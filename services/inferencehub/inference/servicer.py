@@ -21,6 +21,7 @@ from inferencehub.inference.control import ModelControl
 from inferencehub.inference.engine import Engine, ServedModel
 from inferencehub.inference.load_report import LoadReporter
 from inferencehub.inference.metrics import UNKNOWN_MODEL, InferenceMetrics
+from inferencehub.inference.spans import replica_spans
 from inferencehub.inference.statistics import Timing
 from inferencehub.metadata import QUEUE_DEPTH_KEY, REQUEST_ID_KEY
 from inferencehub.model import ModelConfig
@@ -288,7 +289,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         assert self.tracing is not None
         from opentelemetry.trace import Status, StatusCode
 
-        self.tracing.replica_spans(span, timing)
+        replica_spans(self.tracing, span, timing)
         span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code is not grpc.StatusCode.OK:
             span.set_status(Status(StatusCode.ERROR, code.name))

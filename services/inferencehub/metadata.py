@@ -12,3 +12,4 @@ LOAD_REPORT_KEY = "endpoint-load-metrics-bin"
 REQUEST_ID_HEADER = "X-Request-Id"  # the caller's request id, or a new one; sent back, and to the replica
 DEADLINE_HEADER = "X-InferenceHub-Deadline-Ms"  # the deadline a client asks for its call
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor data extension: the JSON part's bytes
+IDEMPOTENCY_HEADER = "Idempotency-Key"  # an async job's key: the same key names the same job

@@ -1,6 +1,8 @@
-"""The Open Inference Protocol gRPC servicer: converts protobuf <-> numpy and delegates to the engine.
+"""The Open Inference Protocol gRPC servicer: the replica's gRPC adapter.
 
-Errors are mapped to gRPC statuses here and only here.
+``ModelInfer`` hands the request to the one infer pipeline (``inference/pipeline.py``: the ``oip`` codec and the
+engine) with the call's deadline, and keeps what belongs to the call: its request id, metrics, statistics, load
+report and span. Errors are mapped to gRPC statuses here and only here.
 """
 
 from __future__ import annotations

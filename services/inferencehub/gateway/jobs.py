@@ -27,7 +27,7 @@ from inferencehub.gateway.job_headers import async_wait
 from inferencehub.gateway.job_queue import JobQueue, QueueError, iso_time
 from inferencehub.gateway.keys import JOBS, UPSTREAM
 from inferencehub.jobqueue import FINAL, SUCCEEDED, JobRecord
-from inferencehub.metadata import HEADER_LENGTH, IDEMPOTENCY_HEADER
+from inferencehub.metadata import HEADER_LENGTH, IDEMPOTENCY_HEADER, PREFER_HEADER, PREFERENCE_APPLIED_HEADER
 from inferencehub.oip.plan import OutputPlan
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.settings import GatewaySettings
@@ -39,7 +39,7 @@ def async_preference(request: web.Request) -> float | None:
     jobs = request.app.get(JOBS)
     if jobs is None:
         return None
-    return async_wait(request.headers.getall("Prefer", ()), jobs.settings.deadline_seconds)
+    return async_wait(request.headers.getall(PREFER_HEADER, ()), jobs.settings.deadline_seconds)
 
 
 async def submit(request: web.Request, message: pb.ModelInferRequest, plan: OutputPlan, wait: float) -> web.Response:
@@ -62,7 +62,7 @@ async def submit(request: web.Request, message: pb.ModelInferRequest, plan: Outp
     return web.json_response(
         {"id": record.id, "status": record.status},
         status=202,
-        headers={"Location": location, "Preference-Applied": "respond-async", "Retry-After": RETRY_AFTER_SECONDS},
+        headers={"Location": location, PREFERENCE_APPLIED_HEADER: "respond-async", "Retry-After": RETRY_AFTER_SECONDS},
     )
 
 

@@ -13,7 +13,7 @@ import msgspec
 
 import inferencehub
 from inferencehub.gateway import repository, schema
-from inferencehub.metadata import DEADLINE_HEADER, HEADER_LENGTH, REQUEST_ID_HEADER
+from inferencehub.metadata import DEADLINE_HEADER, HEADER_LENGTH, PREFER_HEADER, REQUEST_ID_HEADER
 
 REF = "#/components/schemas/{name}"
 
@@ -110,7 +110,7 @@ def _model_paths(prefix: str) -> dict[str, Any]:
                 "parameters": [
                     *params,
                     _header(
-                        "Prefer",
+                        PREFER_HEADER,
                         "respond-async (RFC 7240), optionally with wait=N: queue the call as a job when the gateway "
                         "has a job queue (202 and Location: /v2/jobs/{id}); served synchronously otherwise",
                         type="string",

@@ -55,14 +55,12 @@ class Signature:
 
     @classmethod
     def of_metadata(cls, metadata: Any, max_batch_size: int = 0) -> Signature:
-        """From a ``ModelMetadataResponse`` (or anything with its fields: name, inputs and outputs with name,
-        datatype and shape); outputs may leave out datatype and shape."""
-        return cls(
-            metadata.name,
-            (TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in metadata.inputs),
-            (TensorSpec(t.name, getattr(t, "datatype", ""), tuple(getattr(t, "shape", ()))) for t in metadata.outputs),
-            max_batch_size,
-        )
+        """From a ``ModelMetadataResponse`` (the gateway's, with the ``max_batch_size`` of the model's config)."""
+
+        def specs(items) -> list[TensorSpec]:
+            return [TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in items]
+
+        return cls(metadata.name, specs(metadata.inputs), specs(metadata.outputs), max_batch_size)
 
     @classmethod
     def of_json(cls, metadata: dict) -> Signature:

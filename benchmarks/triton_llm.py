@@ -1,0 +1,54 @@
+"""`mock-llm` as a decoupled Triton Python-backend model, for the peer rows of the streaming benchmark.
+
+The same inputs and outputs as InferenceHub's shipped `mock-llm` (``text_input`` BYTES in, one ``text_output``
+token a response, the last one flagged final; Triton 2.51's Python backend cannot set response parameters, so
+the usage counts InferenceHub's final response carries are left out),
+the same deterministic text for a prompt and the same fixed timing: the first token after the model's
+``first_token_ms`` parameter, each further one ``token_ms`` after the previous. ``execute`` hands every request to
+a thread of its own and returns at once (Triton's decoupled pattern), so one model instance serves any number of
+streams at a time; a cancelled request (the client hung up) stops generating. It runs in Triton's Python-backend
+stub, on the system's Python 3.11, never in the project's environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from llm_text import tokens  # the mock-llm text, beside this file at run time
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = json.loads(args["model_config"])["parameters"]
+        self.first = float(parameters["first_token_ms"]["string_value"]) / 1000
+        self.each = float(parameters["token_ms"]["string_value"]) / 1000
+
+    async def execute(self, requests):
+        await asyncio.gather(*(self.generate(request) for request in requests))
+        return None
+
+    async def generate(self, request):
+        sender = request.get_response_sender()
+        try:
+            prompt = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)[0]
+            prompt = prompt.decode() if isinstance(prompt, bytes) else str(prompt)
+            limit = pb_utils.get_input_tensor_by_name(request, "max_tokens")
+            count = int(limit.as_numpy().reshape(-1)[0]) if limit is not None else 16
+            words = tokens(prompt, count)
+            await asyncio.sleep(self.first)
+            for i, word in enumerate(words):
+                if i:
+                    await asyncio.sleep(self.each)
+                if sender.is_cancelled():
+                    sender.send(flags=FINAL)
+                    return
+                output = pb_utils.Tensor("text_output", np.array([word.encode()], dtype=np.object_))
+                last = i == len(words) - 1
+                sender.send(pb_utils.InferenceResponse(output_tensors=[output]), flags=FINAL if last else 0)
+        except Exception as exc:  # a failed request still ends its stream, with the error
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=FINAL)

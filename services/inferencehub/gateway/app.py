@@ -479,6 +479,7 @@ async def serve(settings: GatewaySettings) -> None:
         log.info("draining for %.1fs", settings.drain_seconds)
         await asyncio.sleep(settings.drain_seconds)
         log.info("closing the listener; in-flight requests have %.1fs to finish", settings.grace_seconds)
+        app[streaming.STREAMS].end_open_streams(settings.grace_seconds)
     finally:
         await runner.cleanup()
         listener.close()  # already closed once its site has started and stopped; not if setup failed

@@ -50,6 +50,8 @@ FINAL = "triton_final_response"
 TEXT_OUTPUT = "text_output"
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 WINDOW_SECONDS = 60
+SHUT_DOWN_MARGIN = 0.5  # seconds before the end of the grace period that open streams get their last event
+SHUT_DOWN = "the gateway shut down before the stream ended (its --grace-seconds ran out); retry"
 
 
 class StreamMetrics:
@@ -133,6 +135,18 @@ class Streams:
     metrics: StreamMetrics
     window: StreamWindow = field(default_factory=StreamWindow)
     metadata: dict[tuple[str, str], tuple[float, pb.ModelMetadataResponse]] = field(default_factory=dict)
+    open: set[TokenStream] = field(default_factory=set)
+
+    def end_open_streams(self, grace: float) -> None:
+        """On shutdown: streams still open near the end of the ``grace`` seconds are ended with a last error event
+        (``SHUT_DOWN_MARGIN`` before aiohttp cancels their handlers and closes their connections, which would cut
+        them without a word)."""
+        after = max(0.0, grace - min(SHUT_DOWN_MARGIN, grace / 10))
+        asyncio.get_running_loop().call_later(after, self._end_open_streams)
+
+    def _end_open_streams(self) -> None:
+        for stream in list(self.open):
+            stream.shut_down()
 
 
 METADATA_SECONDS = 5.0  # how long a model's metadata is reused to map JSON fields to its inputs
@@ -199,7 +213,7 @@ def error_code(message: str) -> grpc.StatusCode:
 def error_message(exc: UpstreamError) -> str:
     """What a client is told of a failure mid-stream: the words an error status would carry (the stream's own
     deadline message as it is)."""
-    if exc.code is grpc.StatusCode.DEADLINE_EXCEEDED:
+    if exc.code is grpc.StatusCode.DEADLINE_EXCEEDED or exc.details == SHUT_DOWN:
         return exc.details
     return upstream_error(exc.code, exc.details)[1]
 
@@ -222,6 +236,7 @@ class TokenStream:
         self.tokens = 0
         self.done = False
         self.hung_up = False
+        self.shutting_down = False
         self._call: Any = None
         self._closed = False
         self._span: Any = None
@@ -230,7 +245,9 @@ class TokenStream:
 
     async def __aenter__(self) -> TokenStream:
         if self.request.app[STATE].draining:  # readiness already fails; anything that still arrives goes elsewhere
-            raise UpstreamError(grpc.StatusCode.UNAVAILABLE, "this gateway is shutting down; retry")
+            raise web.HTTPServiceUnavailable(
+                text="this gateway is shutting down: it takes no new streams; retry", headers={"Retry-After": "1"}
+            )
         metadata: tuple = ((REQUEST_ID_KEY, logs.request_id.get()),)
         if self.tracing is not None:
             self._span_cm = self.tracing.span(f"upstream {METHOD}", kind=self.tracing.CLIENT)
@@ -241,8 +258,8 @@ class TokenStream:
         protocol = self.request.protocol
         if isinstance(protocol, GatewayConnection):
             self._forget = protocol.on_lost(self._hang_up)
-        gauge = self.streams.metrics.open.labels(self.model)
-        gauge.inc()
+        self.streams.metrics.open.labels(self.model).inc()
+        self.streams.open.add(self)
         self.streams.window.open += 1
         self.streams.window.started()
         try:
@@ -255,6 +272,11 @@ class TokenStream:
             await self.__aexit__(None, None, None)
             raise
         return self
+
+    def shut_down(self) -> None:
+        if not self.done:
+            self.shutting_down = True
+            self._call.cancel()
 
     def _hang_up(self) -> None:
         if not self.done:
@@ -271,6 +293,7 @@ class TokenStream:
         if not self.done:
             call.cancel()
         self.streams.metrics.open.labels(self.model).dec()
+        self.streams.open.discard(self)
         self.streams.window.open -= 1
         if self._span_cm is not None:
             if self.replica:
@@ -298,13 +321,20 @@ class TokenStream:
             answer = await self._call.read()
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if self.hung_up and task is not None and not task.cancelling():
+            if task is not None and task.cancelling():
+                raise
+            if self.hung_up:
                 raise ClientGone("the client closed the connection") from None
+            if self.shutting_down:
+                self.done = True
+                raise UpstreamError(grpc.StatusCode.UNAVAILABLE, SHUT_DOWN) from None
             raise
         except grpc.aio.AioRpcError as exc:
             if self.hung_up:
                 raise ClientGone("the client closed the connection") from None
             self.done = True
+            if self.shutting_down:
+                raise UpstreamError(grpc.StatusCode.UNAVAILABLE, SHUT_DOWN) from None
             raise self._failed(exc) from None
         if answer is grpc.aio.EOF:
             self.done = True

@@ -28,6 +28,7 @@ import peers
 from common import SHIPPED, figure, gateway, quiet_stderr, replica, table, write
 
 from inferencehub import eventloop
+from inferencehub.inference.runtimes import mock_llm
 
 NAME = "streaming"
 TITLE = "Streaming: time to first token and per-token overhead"
@@ -54,6 +55,7 @@ output [ {{ name: "text_output", data_type: TYPE_STRING, dims: [ 1 ] }} ]
 instance_group [ {{ count: 1, kind: KIND_CPU }} ]
 parameters {{ key: "first_token_ms", value: {{ string_value: "{first}" }} }}
 parameters {{ key: "token_ms", value: {{ string_value: "{each}" }} }}
+parameters {{ key: "vocabulary", value: {{ string_value: "{vocabulary}" }} }}
 """
 
 
@@ -69,13 +71,12 @@ def ours_repository(folder: Path) -> Path:
 
 
 def triton_repository(folder: Path) -> Path:
-    """``triton_llm.py`` as a decoupled Python-backend model with the same timing; the text it generates comes
-    from the project's own mock-llm code, copied beside it (the stub cannot import the project)."""
+    """``triton_llm.py`` as a decoupled Python-backend model with the same timing and mock-llm's vocabulary."""
     model = folder / "triton" / MODEL
     (model / "1").mkdir(parents=True)
     shutil.copy2(HERE / "triton_llm.py", model / "1" / "model.py")
-    shutil.copy2(HERE / "llm_text.py", model / "1" / "llm_text.py")
-    (model / "config.pbtxt").write_text(TRITON_CONFIG.format(first=FIRST_MS, each=TOKEN_MS))
+    config = TRITON_CONFIG.format(first=FIRST_MS, each=TOKEN_MS, vocabulary=" ".join(mock_llm.VOCABULARY))
+    (model / "config.pbtxt").write_text(config)
     return folder / "triton"
 
 

@@ -1,25 +1,35 @@
 """`mock-llm` as a decoupled Triton Python-backend model, for the peer rows of the streaming benchmark.
 
 The same inputs and outputs as InferenceHub's shipped `mock-llm` (``text_input`` BYTES in, one ``text_output``
-token a response, the last one flagged final; Triton 2.51's Python backend cannot set response parameters, so
-the usage counts InferenceHub's final response carries are left out),
-the same deterministic text for a prompt and the same fixed timing: the first token after the model's
-``first_token_ms`` parameter, each further one ``token_ms`` after the previous. ``execute`` hands every request to
-a thread of its own and returns at once (Triton's decoupled pattern), so one model instance serves any number of
-streams at a time; a cancelled request (the client hung up) stops generating. It runs in Triton's Python-backend
-stub, on the system's Python 3.11, never in the project's environment.
+token a response, the last one flagged final; Triton 2.51's Python backend cannot set response parameters, so the
+usage counts InferenceHub's final response carries are left out), the same deterministic text for a prompt (from
+the same vocabulary, the model's ``vocabulary`` parameter) and the same timing, slept on an event loop as mock-llm
+does: the first token ``first_token_ms`` after the request, each further one ``token_ms`` after the previous.
+``execute`` is a coroutine (the Python backend runs it on its event loop and takes the next requests meanwhile),
+so one model instance serves any number of streams at a time; a cancelled request (the client hung up) stops
+generating. It runs in Triton's Python-backend stub, on the system's Python 3.11, never in the project's
+environment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import random
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from llm_text import tokens  # the mock-llm text, beside this file at run time
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def tokens(prompt: str, count: int, vocabulary: list[str]) -> list[str]:
+    """mock-llm's first ``count`` tokens for ``prompt`` (``inferencehub.inference.runtimes.mock_llm.tokens``, which
+    the stub cannot import: words drawn from its vocabulary by a generator seeded with the prompt; the benchmark
+    checks that both servers stream the same text)."""
+    rng = random.Random(hashlib.blake2b(prompt.encode(), digest_size=8).digest())
+    return [("" if i == 0 else " ") + rng.choice(vocabulary) for i in range(count)]
 
 
 class TritonPythonModel:
@@ -27,6 +37,7 @@ class TritonPythonModel:
         parameters = json.loads(args["model_config"])["parameters"]
         self.first = float(parameters["first_token_ms"]["string_value"]) / 1000
         self.each = float(parameters["token_ms"]["string_value"]) / 1000
+        self.vocabulary = parameters["vocabulary"]["string_value"].split()
 
     async def execute(self, requests):
         await asyncio.gather(*(self.generate(request) for request in requests))
@@ -39,7 +50,7 @@ class TritonPythonModel:
             prompt = prompt.decode() if isinstance(prompt, bytes) else str(prompt)
             limit = pb_utils.get_input_tensor_by_name(request, "max_tokens")
             count = int(limit.as_numpy().reshape(-1)[0]) if limit is not None else 16
-            words = tokens(prompt, count)
+            words = tokens(prompt, count, self.vocabulary)
             await asyncio.sleep(self.first)
             for i, word in enumerate(words):
                 if i:

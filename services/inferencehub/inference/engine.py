@@ -65,7 +65,7 @@ class ServedModel:
             dup = next(n for n in names if names.count(n) > 1)
             raise InvalidInput(f"input '{dup}' is given more than once")
         for spec in self.config.inputs:
-            if spec.name not in names:
+            if spec.name not in names and not spec.optional:
                 raise InvalidInput(f"model '{self.config.name}': missing input '{spec.name}' ({describe(spec)})")
 
     def output_specs(self, requested: list[str]) -> list[TensorSpec]:
@@ -235,7 +235,11 @@ class Engine:
     def _concurrency(self, served: ServedModel) -> int:
         if served.config.scheduling.max_concurrency is not None:
             return served.config.scheduling.max_concurrency
-        if served.model is not None and inspect.iscoroutinefunction(served.model.predict):
+        model = served.model
+        if model is not None and (
+            inspect.iscoroutinefunction(model.predict)
+            or (served.config.decoupled and inspect.isasyncgenfunction(model.generate))
+        ):
             return ASYNC_CONCURRENCY
         return self.workers.process_count if served.config.execution == "process" else self.workers.thread_count
 
@@ -279,6 +283,11 @@ class Engine:
 
         ``deadline`` is in event-loop time: queued work still waiting then is dropped, not computed.
         """
+        if served.config.decoupled:
+            raise InvalidInput(
+                f"model '{served.config.name}' is decoupled (it streams many responses per request): call "
+                f"ModelStreamInfer, or the gateway's /v2/models/{served.config.name}/generate or /generate_stream"
+            )
         if served.retired:
             served = self._successor(served)
         if not served.ready or served.scheduler is None or self.state is State.LOADING:

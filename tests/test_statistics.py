@@ -85,7 +85,7 @@ def test_statistics_count_what_was_sent(pair):
 
     # HTTP through the gateway: the sum over both replicas.
     summed = by_model(http.get_inference_statistics())
-    assert set(summed) == {"iris", "digits", "mock", "mock-heavy"}
+    assert set(summed) == {"iris", "digits", "mock", "mock-heavy", "mock-llm"}
     iris = summed["iris"]
     assert iris["version"] == "1"
     assert iris["inference_stats"]["success"]["count"] == 6

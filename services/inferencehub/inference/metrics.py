@@ -80,6 +80,27 @@ class InferenceMetrics:
             registry=self.registry,
         )
 
+        # Streams: a decoupled model's generations (ModelStreamInfer requests).
+        self.open_streams = Gauge(
+            "inferencehub_inference_open_streams",
+            "Generations streaming now (ModelStreamInfer requests on decoupled models), by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.stream_tokens = Counter(
+            "inferencehub_inference_stream_tokens",
+            "Streamed responses that carried outputs (tokens), by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.streams_cancelled = Counter(
+            "inferencehub_inference_streams_cancelled",
+            "Generations stopped before their end because their call ended (caller cancelled or hung up, "
+            "deadline passed, replica stopped), by model.",
+            ["model"],
+            registry=self.registry,
+        )
+
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics from a background thread; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

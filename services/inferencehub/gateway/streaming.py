@@ -22,6 +22,7 @@ Shared by the Triton generate routes (``gateway.generate``) and the OpenAI-compa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ FINAL = "triton_final_response"
 TEXT_OUTPUT = "text_output"
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 WINDOW_SECONDS = 60
+TRAILERS_SECONDS = 1.0  # how long the replica's trailers (its name) are awaited after its last response
 SHUT_DOWN_MARGIN = 0.5  # seconds before the end of the grace period that open streams get their last event
 SHUT_DOWN = "the gateway shut down before the stream ended (its --grace-seconds ran out); retry"
 
@@ -382,6 +384,9 @@ class TokenStream:
             self.replica = await self._replica_name()
         if final:
             self.done = True
+            if not self.replica:  # the replica names itself in its trailers, which follow its last response
+                with contextlib.suppress(asyncio.TimeoutError, grpc.aio.AioRpcError):
+                    self.replica = _replica(await asyncio.wait_for(self._call.trailing_metadata(), TRAILERS_SECONDS))
             self.upstream.metrics.upstream(METHOD, self.replica, "OK")
         return Piece(response.model_name, response.model_version, outputs, parameters, final)
 

@@ -50,6 +50,7 @@ FINAL = "triton_final_response"
 TEXT_OUTPUT = "text_output"
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 WINDOW_SECONDS = 60
+TRAILERS_SECONDS = 1.0  # how long the replica's trailers (its name) are awaited after its last response
 SHUT_DOWN_MARGIN = 0.5  # seconds before the end of the grace period that open streams get their last event
 SHUT_DOWN = "the gateway shut down before the stream ended (its --grace-seconds ran out); retry"
 
@@ -237,6 +238,7 @@ class TokenStream:
         self.done = False
         self.hung_up = False
         self.shutting_down = False
+        self.failed = False  # ended by an error (the stream's or the request's)
         self._call: Any = None
         self._closed = False
         self._span: Any = None
@@ -299,8 +301,18 @@ class TokenStream:
             if self.replica:
                 self._span.set_attribute(REPLICA_ATTRIBUTE, self.replica)
             self._span_cm.__exit__(*exc_info)
-        if not self.done and not self.hung_up:
+        if self.hung_up:
+            self.upstream.metrics.upstream(METHOD, self.replica, "CANCELLED")
+        elif not self.done or self.failed:
             self.streams.window.failed()
+
+    def _error(self, code: grpc.StatusCode, details: str) -> UpstreamError:
+        self.failed = True
+        return UpstreamError(code, details)
+
+    def _error_from(self, exc: grpc.aio.AioRpcError) -> UpstreamError:
+        self.failed = True
+        return self._failed(exc)
 
     def _failed(self, exc: grpc.aio.AioRpcError) -> UpstreamError:
         code = exc.code()
@@ -327,19 +339,19 @@ class TokenStream:
                 raise ClientGone("the client closed the connection") from None
             if self.shutting_down:
                 self.done = True
-                raise UpstreamError(grpc.StatusCode.UNAVAILABLE, SHUT_DOWN) from None
+                raise self._error(grpc.StatusCode.UNAVAILABLE, SHUT_DOWN) from None
             raise
         except grpc.aio.AioRpcError as exc:
             if self.hung_up:
                 raise ClientGone("the client closed the connection") from None
             self.done = True
             if self.shutting_down:
-                raise UpstreamError(grpc.StatusCode.UNAVAILABLE, SHUT_DOWN) from None
-            raise self._failed(exc) from None
+                raise self._error(grpc.StatusCode.UNAVAILABLE, SHUT_DOWN) from None
+            raise self._error_from(exc) from None
         if answer is grpc.aio.EOF:
             self.done = True
             self.upstream.metrics.upstream(METHOD, await self._replica_name(), "OK")
-            raise UpstreamError(
+            raise self._error(
                 grpc.StatusCode.INTERNAL, f"model '{self.model}' ended its stream without a final response"
             )
         if answer.error_message:
@@ -347,7 +359,7 @@ class TokenStream:
             self._call.cancel()
             code = error_code(answer.error_message)
             self.upstream.metrics.upstream(METHOD, await self._replica_name(), code.name)
-            raise UpstreamError(code, answer.error_message)
+            raise self._error(code, answer.error_message)
         response = answer.infer_response
         parameters = rest.parameter_values(response.parameters)
         final = bool(parameters.pop(FINAL, False))
@@ -355,7 +367,7 @@ class TokenStream:
             outputs = rest.output_values(response)
         except InvalidInput as exc:
             self.done = True
-            raise UpstreamError(grpc.StatusCode.INTERNAL, str(exc)) from None
+            raise self._error(grpc.StatusCode.INTERNAL, str(exc)) from None
         now = time.perf_counter()
         metrics = self.streams.metrics
         if outputs:
@@ -372,6 +384,9 @@ class TokenStream:
             self.replica = await self._replica_name()
         if final:
             self.done = True
+            if not self.replica:  # the replica names itself in its trailers, which follow its last response
+                with contextlib.suppress(asyncio.TimeoutError, grpc.aio.AioRpcError):
+                    self.replica = _replica(await asyncio.wait_for(self._call.trailing_metadata(), TRAILERS_SECONDS))
             self.upstream.metrics.upstream(METHOD, self.replica, "OK")
         return Piece(response.model_name, response.model_version, outputs, parameters, final)
 
@@ -397,8 +412,7 @@ async def write(request: web.Request, response: web.StreamResponse, data: bytes)
     if transport is None or transport.is_closing():
         raise ClientGone("the client closed the connection")
     await response.write(data)
-    with contextlib.suppress(AttributeError):
-        await request.writer.drain()
+    await request.writer.drain()
 
 
 async def relay(

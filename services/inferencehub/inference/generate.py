@@ -62,6 +62,11 @@ EMPTY_FINAL = "triton_enable_empty_final_response"
 ERROR_CODE = "error_code"
 _END = object()
 
+
+class CallerGone(Exception):
+    """A response could not be written: the call is over (handled like cancellation)."""
+
+
 Write = Callable[[pb.ModelStreamInferResponse], Awaitable[None]]
 
 
@@ -137,7 +142,10 @@ class StreamingServicer(InferenceServicer):
 
         async def write(message: pb.ModelStreamInferResponse) -> None:
             async with lock:
-                await context.write(message)
+                try:
+                    await context.write(message)
+                except Exception as exc:  # the call ended under the write (the caller hung up, the deadline passed)
+                    raise CallerGone(str(exc) or type(exc).__name__) from exc
 
         remaining = context.time_remaining()
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
@@ -191,6 +199,8 @@ class StreamingServicer(InferenceServicer):
         except asyncio.CancelledError:
             self._finish(served, timing, span, grpc.StatusCode.CANCELLED)
             raise
+        except CallerGone:
+            self._finish(served, timing, span, grpc.StatusCode.CANCELLED)
         except Exception:
             log.exception("ModelStreamInfer %s failed", request.model_name)
             code = grpc.StatusCode.INTERNAL
@@ -256,7 +266,7 @@ class StreamingServicer(InferenceServicer):
                 message.parameters[FINAL].bool_param = True
                 await write(pb.ModelStreamInferResponse(infer_response=message))
             finished = True
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, CallerGone):
             code = None
             children.cancelled.inc()
             raise

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import queue
+import signal
 import time
 from collections.abc import Iterator
 
@@ -351,6 +351,14 @@ def test_a_reader_that_stops_reading_pauses_the_generation(llm_replica):
     assert read == 4096
 
 
+async def rest_of(call) -> list:
+    """The responses of a call read with ``read()`` so far, up to its end."""
+    got = []
+    while (response := await call.read()) is not grpc.aio.EOF:
+        got.append(response)
+    return got
+
+
 def test_open_streams_hold_execution_slots_admission_and_in_flight(tmp_path):
     """One slot, no queue: an open stream fills the replica, a second one is refused (in the stream) until it ends."""
     config = json.loads((TEST_MODELS / "llm-steady" / "config.json").read_text())
@@ -374,7 +382,7 @@ def test_open_streams_hold_execution_slots_admission_and_in_flight(tmp_path):
                 assert "overloaded" in refused.error_message and "llm-steady" in refused.error_message
                 assert refused.infer_response.parameters["error_code"].string_param == "RESOURCE_EXHAUSTED"
                 assert await second.code() == grpc.StatusCode.OK  # the error was for the request, not the call
-                rest = [r async for r in first]
+                rest = await rest_of(first)
                 assert len(rest) == 59 and is_final(rest[-1]) and not any(r.error_message for r in rest)
                 again = stub.ModelStreamInfer(iter([request("llm-steady", "after", 2, "again")]), timeout=20)
                 assert [r.error_message async for r in again] == ["", ""]
@@ -414,7 +422,7 @@ def test_sigterm_lets_an_open_stream_finish_and_refuses_new_ones(tmp_path):
                     )
                     with pytest.raises(grpc.aio.AioRpcError) as after:
                         await late.read()
-                got += [r async for r in call]
+                got += await rest_of(call)
                 return got, during.value.code(), after.value.code(), await call.code()
 
         got, during, after, code = asyncio.run(run())

@@ -117,6 +117,7 @@ class _Children:
         self.open = metrics.open_streams.labels(model)
         self.tokens = metrics.stream_tokens.labels(model)
         self.cancelled = metrics.streams_cancelled.labels(model)
+        self.in_flight = metrics.in_flight.labels(model)  # an open generation is a request in flight
 
 
 class StreamingServicer(InferenceServicer):
@@ -238,6 +239,7 @@ class StreamingServicer(InferenceServicer):
             self.load.end(share, exc.status if isinstance(exc, InferenceHubError) else None)
             raise
         children.open.inc()
+        children.in_flight.inc()
         generator = responses(model, inputs, self.engine.workers.threads)
         code: grpc.StatusCode | None = grpc.StatusCode.OK
         finished = False
@@ -281,6 +283,7 @@ class StreamingServicer(InferenceServicer):
             await generator.aclose()  # at once: no further step is computed
             release()
             children.open.dec()
+            children.in_flight.dec()
             self.load.end(share, code)
 
     async def _error(

@@ -78,6 +78,15 @@ def parameter(value: bool | int | str) -> pb.InferParameter:
     return pb.InferParameter(string_param=str(value))
 
 
+def _close_in(pool: concurrent.futures.Executor, generator: Generator) -> None:
+    """Close a plain generator in the pool (its ``finally`` may block); inline once the pool is shut down."""
+    try:
+        pool.submit(generator.close)
+    except RuntimeError:  # the replica is stopping
+        with contextlib.suppress(Exception):
+            generator.close()
+
+
 def _stepped(generator: Generator, pool: concurrent.futures.Executor) -> AsyncGenerator:
     """A plain generator as an async one: each step in ``pool``; closed in the pool once no step runs."""
 
@@ -92,9 +101,9 @@ def _stepped(generator: Generator, pool: concurrent.futures.Executor) -> AsyncGe
                 yield item
         finally:
             if step is not None and not step.done():  # cancelled mid-step: close it when the step returns
-                step.add_done_callback(lambda _: pool.submit(generator.close))
+                step.add_done_callback(lambda _: _close_in(pool, generator))
             else:
-                pool.submit(generator.close)
+                _close_in(pool, generator)
 
     return steps()
 

@@ -314,7 +314,7 @@ def test_a_reader_that_stops_reading_pauses_the_generation(llm_replica):
     """Pacing: for a reader that does not read, the replica produces only what the transport takes, then waits.
 
     The reader grants a 16 KiB window, with BDP probing off (what the gateway's stream channel does); the replica's
-    side of the transport takes gRPC's per-stream write buffer (64 KiB) on top (docs/streaming.md).
+    side of the transport takes gRPC's per-stream write buffer (64 KiB) on top (docs/api.md, Streaming).
     """
     window, write_buffer = 16384, 65536
     options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window)]
@@ -388,6 +388,12 @@ def test_open_streams_hold_execution_slots_admission_and_in_flight(tmp_path):
                 assert [r.error_message async for r in again] == ["", ""]
                 text = scrape(replica)
                 assert sample_value(text, "inferencehub_inference_in_flight_requests", model="llm-steady") == 0
+                # Statistics: each stream's request is one inference and one execution; the refused one failed.
+                stats = await stub.ModelStatistics(pb.ModelStatisticsRequest(name="llm-steady"), timeout=5)
+                [model] = stats.model_stats
+                assert (model.inference_count, model.execution_count) == (2, 2)
+                assert (model.inference_stats.success.count, model.inference_stats.fail.count) == (2, 1)
+                assert model.inference_stats.compute_infer.ns > 0.5e9  # 60 tokens of 10 ms, written as read
 
         asyncio.run(run())
     finally:

@@ -317,9 +317,10 @@ class StreamingServicer(InferenceServicer):
         done = time.perf_counter_ns()
         stats = served.stats if served is not None else None
         if served is not None and stats is not None:
-            # A generation is one inference and one execution; its compute time runs from its first step to its
-            # last response written (the reader's pace included). Unary requests were counted by the scheduler.
-            if served.config.decoupled and timing.started:
+            # A generation that succeeds is one inference and one execution (as a unary model call that returns):
+            # its compute time runs from its first step to its last response written (the reader's pace included).
+            # Unary requests were counted by the scheduler.
+            if served.config.decoupled and timing.started and code is grpc.StatusCode.OK:
                 stats.executed(1, 1, timing.dispatched, timing.started, timing.finished or done, done)
             if code is grpc.StatusCode.OK:
                 stats.succeeded(timing, done)

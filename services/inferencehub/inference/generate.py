@@ -20,7 +20,7 @@ Guarantees:
 - pacing: each response is written with ``await context.write`` (one write at a time per call), and the
   generator is resumed only after its previous response was written, so between a model and its reader
   there is at most one response on the replica's side, plus what gRPC's transport accepts: the reader's
-  HTTP/2 flow-control window and the sockets' buffers (docs/streaming.md gives the numbers);
+  HTTP/2 flow-control window and the sockets' buffers (docs/api.md, "Streaming", gives the numbers);
 - a caller that hangs up or cancels, or a deadline that passes, cancels the call's task: each generation's
   task is cancelled at its ``await`` and its generator closed at once (``aclose``); nothing more is computed
   (a plain generator's step already running in the thread pool finishes, then the generator is closed);
@@ -61,6 +61,7 @@ FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
 ERROR_CODE = "error_code"
 _END = object()
+MAX_OPEN_PER_CALL = 256  # requests of one call answered at once; the next ones are read as these end
 
 
 class CallerGone(Exception):
@@ -160,13 +161,17 @@ class StreamingServicer(InferenceServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
         tasks: set[asyncio.Task] = set()
+        room = asyncio.Semaphore(MAX_OPEN_PER_CALL)
         expired = False
         try:
             async with asyncio.timeout_at(deadline):
                 async for request in request_iterator:
+                    # A caller with MAX_OPEN_PER_CALL requests unanswered waits (HTTP/2 flow control) to send more.
+                    await room.acquire()
                     task = asyncio.create_task(self._generation(request, context, write, deadline))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
+                    task.add_done_callback(lambda _: room.release())
                 while tasks:
                     await asyncio.wait(set(tasks))
         except TimeoutError:

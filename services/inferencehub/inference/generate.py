@@ -20,7 +20,7 @@ Guarantees:
 - pacing: each response is written with ``await context.write`` (one write at a time per call), and the
   generator is resumed only after its previous response was written, so between a model and its reader
   there is at most one response on the replica's side, plus what gRPC's transport accepts: the reader's
-  HTTP/2 flow-control window and the sockets' buffers (docs/streaming.md gives the numbers);
+  HTTP/2 flow-control window and the sockets' buffers (docs/api.md, "Streaming", gives the numbers);
 - a caller that hangs up or cancels, or a deadline that passes, cancels the call's task: each generation's
   task is cancelled at its ``await`` and its generator closed at once (``aclose``); nothing more is computed
   (a plain generator's step already running in the thread pool finishes, then the generator is closed);
@@ -63,6 +63,12 @@ FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
 ERROR_CODE = "error_code"
 _END = object()
+MAX_OPEN_PER_CALL = 256  # requests of one call answered at once; the next ones are read as these end
+
+
+class CallerGone(Exception):
+    """A response could not be written: the call is over (handled like cancellation)."""
+
 
 Write = Callable[[pb.ModelStreamInferResponse], Awaitable[None]]
 
@@ -73,6 +79,15 @@ def parameter(value: bool | int | str) -> pb.InferParameter:
     if isinstance(value, int):
         return pb.InferParameter(int64_param=value)
     return pb.InferParameter(string_param=str(value))
+
+
+def _close_in(pool: concurrent.futures.Executor, generator: Generator) -> None:
+    """Close a plain generator in the pool (its ``finally`` may block); inline once the pool is shut down."""
+    try:
+        pool.submit(generator.close)
+    except RuntimeError:  # the replica is stopping
+        with contextlib.suppress(Exception):
+            generator.close()
 
 
 def _stepped(generator: Generator, pool: concurrent.futures.Executor) -> AsyncGenerator:
@@ -89,9 +104,9 @@ def _stepped(generator: Generator, pool: concurrent.futures.Executor) -> AsyncGe
                 yield item
         finally:
             if step is not None and not step.done():  # cancelled mid-step: close it when the step returns
-                step.add_done_callback(lambda _: pool.submit(generator.close))
+                step.add_done_callback(lambda _: _close_in(pool, generator))
             else:
-                pool.submit(generator.close)
+                _close_in(pool, generator)
 
     return steps()
 
@@ -114,6 +129,7 @@ class _Children:
         self.open = metrics.open_streams.labels(model)
         self.tokens = metrics.stream_tokens.labels(model)
         self.cancelled = metrics.streams_cancelled.labels(model)
+        self.in_flight = metrics.in_flight.labels(model)  # an open generation is a request in flight
 
 
 class StreamingServicer(InferenceServicer):
@@ -139,18 +155,25 @@ class StreamingServicer(InferenceServicer):
 
         async def write(message: pb.ModelStreamInferResponse) -> None:
             async with lock:
-                await context.write(message)
+                try:
+                    await context.write(message)
+                except Exception as exc:  # the call ended under the write (the caller hung up, the deadline passed)
+                    raise CallerGone(str(exc) or type(exc).__name__) from exc
 
         remaining = context.time_remaining()
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
         tasks: set[asyncio.Task] = set()
+        room = asyncio.Semaphore(MAX_OPEN_PER_CALL)
         expired = False
         try:
             async with asyncio.timeout_at(deadline):
                 async for request in request_iterator:
+                    # A caller with MAX_OPEN_PER_CALL requests unanswered waits (HTTP/2 flow control) to send more.
+                    await room.acquire()
                     task = asyncio.create_task(self._generation(request, context, write, deadline))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
+                    task.add_done_callback(lambda _: room.release())
                 while tasks:
                     await asyncio.wait(set(tasks))
         except TimeoutError:
@@ -193,6 +216,8 @@ class StreamingServicer(InferenceServicer):
         except asyncio.CancelledError:
             self._finish(served, timing, span, grpc.StatusCode.CANCELLED)
             raise
+        except CallerGone:
+            self._finish(served, timing, span, grpc.StatusCode.CANCELLED)
         except Exception:
             log.exception("ModelStreamInfer %s failed", request.model_name)
             code = grpc.StatusCode.INTERNAL
@@ -229,6 +254,7 @@ class StreamingServicer(InferenceServicer):
             self.load.end(share, exc.status if isinstance(exc, InferenceHubError) else None)
             raise
         children.open.inc()
+        children.in_flight.inc()
         generator = responses(model, inputs, self.engine.workers.threads)
         code: grpc.StatusCode | None = grpc.StatusCode.OK
         finished = False
@@ -257,7 +283,7 @@ class StreamingServicer(InferenceServicer):
                 message.parameters[FINAL].bool_param = True
                 await write(pb.ModelStreamInferResponse(infer_response=message))
             finished = True
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, CallerGone):
             code = None
             children.cancelled.inc()
             raise
@@ -272,6 +298,7 @@ class StreamingServicer(InferenceServicer):
             await generator.aclose()  # at once: no further step is computed
             release()
             children.open.dec()
+            children.in_flight.dec()
             self.load.end(share, code)
 
     async def _error(
@@ -296,9 +323,10 @@ class StreamingServicer(InferenceServicer):
         done = time.perf_counter_ns()
         stats = served.stats if served is not None else None
         if served is not None and stats is not None:
-            # A generation is one inference and one execution; its compute time runs from its first step to its
-            # last response written (the reader's pace included). Unary requests were counted by the scheduler.
-            if served.config.decoupled and timing.started:
+            # A generation that succeeds is one inference and one execution (as a unary model call that returns):
+            # its compute time runs from its first step to its last response written (the reader's pace included).
+            # Unary requests were counted by the scheduler.
+            if served.config.decoupled and timing.started and code is grpc.StatusCode.OK:
                 stats.executed(1, 1, timing.dispatched, timing.started, timing.finished or done, done)
             if code is grpc.StatusCode.OK:
                 stats.succeeded(timing, done)

@@ -30,7 +30,7 @@ class InferenceMetrics:
         )
         self.in_flight = Gauge(
             "inferencehub_inference_in_flight_requests",
-            "ModelInfer calls being handled now, by model.",
+            "ModelInfer calls, and generations streaming (ModelStreamInfer), being handled now, by model.",
             ["model"],
             registry=self.registry,
         )

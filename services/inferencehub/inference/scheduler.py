@@ -145,6 +145,7 @@ class ModelScheduler:
 
         if pending.timing is not None:
             pending.timing.dispatched = pending.timing.started = time.perf_counter_ns()
+            pending.timing.batch_size = 1
         if pending.future.done():
             release()
         else:

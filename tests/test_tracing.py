@@ -298,3 +298,29 @@ def test_an_async_job_run_links_back_to_the_request_that_submitted_it(tmp_path):
             if server is not None:
                 server.stop()
         collector.shutdown()
+
+
+def test_a_token_stream_is_one_trace_with_its_upstream_call(traced):
+    collector, _, gateway = traced
+    trace_id = "5" * 32
+    response = gateway.request(
+        "POST",
+        "/v2/models/mock-llm/generate_stream",
+        {"text_input": "trace me", "max_tokens": 3},
+        {"traceparent": f"00-{trace_id}-{CALLER_SPAN}-01"},
+    )
+    assert response.status == 200 and response.body.count(b"data:") == 3, response
+    found = wait_for(
+        lambda: (
+            {s["name"]: s for s in collector.spans if s["trace_id"] == trace_id}.get("upstream ModelStreamInfer")
+            and {s["name"]: s for s in collector.spans if s["trace_id"] == trace_id}
+        ),
+        timeout=15,
+        what="the stream's spans",
+    )
+    server = found["POST /v2/models/{model}/generate_stream"]
+    assert server["parent"] == CALLER_SPAN and server["attributes"]["http.response.status_code"] == 200
+    upstream = found["upstream ModelStreamInfer"]
+    assert upstream["parent"] == server["span_id"]
+    assert upstream["attributes"]["inferencehub.replica"] == "traced-replica"
+    assert server["start"] <= upstream["start"] <= upstream["end"] <= server["end"]  # the span covers the stream

@@ -99,7 +99,8 @@ async def generate(request: web.Request) -> web.Response:
                 break
     doc = _event(piece)
     doc.update(outputs)
-    doc[streaming.TEXT_OUTPUT] = "".join(text)
+    if text:  # a model with a text_output: its tokens joined (other outputs: the last response's)
+        doc[streaming.TEXT_OUTPUT] = "".join(text)
     headers = {REPLICA_KEY: stream.replica} if stream.replica else None
     return web.json_response(doc, headers=headers, dumps=lambda d: orjson.dumps(d).decode())
 

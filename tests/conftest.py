@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -629,3 +630,27 @@ def http_status(host: str, port: int, path: str) -> int:
         return conn.getresponse().status
     except OSError:
         return 0
+
+
+# --- token streams (issue 21): the shipped generative mock, timed for a test -------------------------------------
+
+
+def mock_llm_repository(tmp: Path, first_token_ms: float = 5.0, token_ms: float = 5.0) -> Path:
+    """A model repository holding the shipped ``mock-llm`` with near-fixed first-token and per-token latencies."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(SHIPPED / "mock-llm", tmp / "mock-llm")  # a copy: model_repository links, and this edits
+    repo = tmp
+    config_path = repo / "mock-llm" / "config.json"
+    config = json.loads(config_path.read_text())
+    for name, ms in (("first_token_latency", first_token_ms), ("token_latency", token_ms)):
+        config["parameters"][name] = {"distribution": "lognormal", "median_ms": ms, "sigma": 0.01}
+    config_path.write_text(json.dumps(config))
+    return repo
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident set size, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")

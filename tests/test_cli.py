@@ -84,3 +84,31 @@ def test_each_image_runs_its_command_with_only_its_own_extra():
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
         assert "INFERENCEHUB_PORT" in done.stdout
+
+
+def test_generate_prints_the_tokens_as_the_stream_brings_them(gateway):
+    url = f"http://{gateway.url}"
+    whole = gateway.request("POST", "/v2/models/mock-llm/generate", {"text_input": "tell me a story", "max_tokens": 6})
+    assert whole.status == 200, whole
+    done = run("-m", "inferencehub", "generate", "mock-llm", "tell me a story", "--max-tokens", "6", "--url", url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == whole.json()["text_output"] + "\n"
+    assert "finish_reason=length prompt_tokens=4 completion_tokens=6 tokens_received=6 first_token_ms=" in done.stderr
+
+    missing = run("-m", "inferencehub", "generate", "no-such-model", "hi", "--url", url)
+    assert missing.returncode == 1 and "404" in missing.stderr and "no-such-model" in missing.stderr
+    late = run(
+        "-m",
+        "inferencehub",
+        "generate",
+        "mock-llm",
+        "tell me a story",
+        "--max-tokens",
+        "500",
+        "--timeout",
+        "0.2",
+        "--url",
+        url,
+    )
+    assert late.returncode == 1 and "the stream failed" in late.stderr and "deadline" in late.stderr
+    assert "Traceback" not in missing.stderr + late.stderr

@@ -95,6 +95,8 @@ def test_the_dashboard_has_the_panels_the_issue_asks_for():
         "Queue depth",
         "Batch size",
         "Replicas over time",
+        "Streams: time to first token and per output token",
+        "Streams: open and tokens per second",
     ]
     assert len({p["id"] for p in dashboard["panels"]}) == len(titles)
     for panel in dashboard["panels"]:
@@ -115,6 +117,7 @@ def test_every_expression_parses_and_names_only_metrics_the_services_export(gate
         ("iris", {"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}),
     ):
         assert gateway.request("POST", f"/v2/models/{model}/infer", {"inputs": [row]}).status == 200
+    assert gateway.request("POST", "/v2/models/mock-llm/generate", {"text_input": "a b", "max_tokens": 2}).status == 200
     exported = scraped(f"http://{gateway.url}/metrics") | scraped(f"http://127.0.0.1:{replica.metrics_port}/metrics")
     dashboard = json.loads(DASHBOARD.read_text())
     used: set[str] = set()

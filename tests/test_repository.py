@@ -23,7 +23,7 @@ GOOD = {
 
 def test_shipped_and_example_models_load():
     names = {c.name for c in load_repository(SHIPPED)}
-    assert names == {"digits", "iris", "mock", "mock-heavy"}
+    assert names == {"digits", "iris", "mock", "mock-heavy", "mock-llm"}
     heavy = next(c for c in load_repository(SHIPPED) if c.name == "mock-heavy")
     assert heavy.execution == "process"
     assert [c.name for c in load_repository(EXAMPLE_MODELS)] == ["word-count"]

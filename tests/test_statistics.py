@@ -85,7 +85,7 @@ def test_statistics_count_what_was_sent(pair):
 
     # HTTP through the gateway: the sum over both replicas.
     summed = by_model(http.get_inference_statistics())
-    assert set(summed) == {"iris", "digits", "mock", "mock-heavy"}
+    assert set(summed) == {"iris", "digits", "mock", "mock-heavy", "mock-llm"}
     iris = summed["iris"]
     assert iris["version"] == "1"
     assert iris["inference_stats"]["success"]["count"] == 6
@@ -137,3 +137,36 @@ def test_server_metadata_lists_the_extensions_served(pair):
     _, _, gateway = pair
     extensions = httpclient.InferenceServerClient(gateway.url).get_server_metadata()["extensions"]
     assert {"statistics", "model_configuration", "binary_tensor_data"} <= set(extensions)
+
+
+def test_a_stream_counts_as_one_inference_of_its_generation(pair):
+    """A generation on a decoupled model is one inference and one execution, whatever its number of responses."""
+    a, _, _ = pair
+    with grpcclient.InferenceServerClient(a.target) as client:
+        before = as_ints(client.get_inference_statistics("mock-llm", as_json=True))["model_stats"][0]
+        results: list = []
+        client.start_stream(callback=lambda result, error: results.append((result, error)))
+        for i, max_tokens in enumerate((3, 5)):
+            prompt = grpcclient.InferInput("text_input", [1], "BYTES")
+            prompt.set_data_from_numpy(np.array([b"count me"], dtype=object))
+            limit = grpcclient.InferInput("max_tokens", [1], "INT32")
+            limit.set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
+            client.async_stream_infer("mock-llm", [prompt, limit], request_id=str(i))
+        bad = grpcclient.InferInput("max_tokens", [1], "INT32")
+        bad.set_data_from_numpy(np.array([0], dtype=np.int32))
+        client.async_stream_infer("mock-llm", [prompt, bad], request_id="bad")
+        wait_for(lambda: len(results) == 3 + 5 + 1, timeout=10, what="every response")
+        client.stop_stream()
+        assert sum(error is not None for _, error in results) == 1
+        after = as_ints(client.get_inference_statistics("mock-llm", as_json=True))["model_stats"][0]
+    stats, old = after["inference_stats"], before.get("inference_stats", {})
+
+    def count(block: dict, name: str) -> int:
+        return int(block.get(name, {}).get("count", 0))
+
+    assert after["inference_count"] - before.get("inference_count", 0) == 2
+    assert after["execution_count"] - before.get("execution_count", 0) == 2
+    assert count(stats, "success") - count(old, "success") == 2
+    assert count(stats, "fail") - count(old, "fail") == 1
+    # Each generation ran for at least its tokens' latencies (first 40 ms median, then 15 ms each).
+    assert int(stats["compute_infer"]["ns"]) - int(old.get("compute_infer", {}).get("ns", 0)) > 2 * 20_000_000

@@ -157,6 +157,43 @@ def test_one_request_is_one_trace_across_the_hop(traced):
     assert not names & {"GET /healthz", "GET /metrics", "GET /status.json"}, names
 
 
+def test_a_stream_is_traced_like_a_unary_call(traced):
+    """Each request on ModelStreamInfer is a replica span continuing the caller's trace, with its queue and run."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    collector, replica, _ = traced
+    trace_id, caller = "5bf92f3577b34da6a3ce929d0e0e4736", "10f067aa0ba902b7"
+    results: queue.Queue = queue.Queue()
+    with grpcclient.InferenceServerClient(replica.target) as client:
+        client.start_stream(
+            callback=lambda result, error: results.put((result, error)),
+            headers={"traceparent": f"00-{trace_id}-{caller}-01"},
+        )
+        prompt = grpcclient.InferInput("text_input", [1], "BYTES")
+        prompt.set_data_from_numpy(np.array([b"trace me"], dtype=object))
+        limit = grpcclient.InferInput("max_tokens", [1], "INT32")
+        limit.set_data_from_numpy(np.array([3], dtype=np.int32))
+        client.async_stream_infer("mock-llm", [prompt, limit])
+        for _ in range(3):
+            _, error = results.get(timeout=10)
+            assert error is None, error
+        client.stop_stream()
+    spans = spans_of(collector, trace_id, 4)
+    assert set(spans) == {"ModelStreamInfer", "queue", "batch", "execute"}
+    stream = spans["ModelStreamInfer"]
+    assert stream["parent"] == caller and stream["service"] == "inferencehub-inference"
+    assert stream["attributes"]["inferencehub.replica"] == "traced-replica"
+    assert stream["attributes"]["inferencehub.model"] == "mock-llm"
+    assert stream["attributes"]["rpc.grpc.status_code"] == 0
+    for name in ("queue", "batch", "execute"):
+        assert spans[name]["parent"] == stream["span_id"], name
+        assert stream["start"] <= spans[name]["start"] <= spans[name]["end"] <= stream["end"], name
+    assert spans["execute"]["end"] - spans["execute"]["start"] > 20_000_000  # the generation: 3 tokens
+
+
 def test_a_request_without_traceparent_starts_a_trace_and_logs_carry_its_id(traced):
     collector, replica, gateway = traced
     bad = {"inputs": [{**DIGITS_ROW, "datatype": "FP64"}]}  # refused by the replica: both sides log it
@@ -261,3 +298,29 @@ def test_an_async_job_run_links_back_to_the_request_that_submitted_it(tmp_path):
             if server is not None:
                 server.stop()
         collector.shutdown()
+
+
+def test_a_token_stream_is_one_trace_with_its_upstream_call(traced):
+    collector, _, gateway = traced
+    trace_id = "5" * 32
+    response = gateway.request(
+        "POST",
+        "/v2/models/mock-llm/generate_stream",
+        {"text_input": "trace me", "max_tokens": 3},
+        {"traceparent": f"00-{trace_id}-{CALLER_SPAN}-01"},
+    )
+    assert response.status == 200 and response.body.count(b"data:") == 3, response
+    found = wait_for(
+        lambda: (
+            {s["name"]: s for s in collector.spans if s["trace_id"] == trace_id}.get("upstream ModelStreamInfer")
+            and {s["name"]: s for s in collector.spans if s["trace_id"] == trace_id}
+        ),
+        timeout=15,
+        what="the stream's spans",
+    )
+    server = found["POST /v2/models/{model}/generate_stream"]
+    assert server["parent"] == CALLER_SPAN and server["attributes"]["http.response.status_code"] == 200
+    upstream = found["upstream ModelStreamInfer"]
+    assert upstream["parent"] == server["span_id"]
+    assert upstream["attributes"]["inferencehub.replica"] == "traced-replica"
+    assert server["start"] <= upstream["start"] <= upstream["end"] <= server["end"]  # the span covers the stream

@@ -4,6 +4,7 @@ up         the whole system on this machine: a gateway and N inference replicas 
 inference  one inference replica (gRPC, Open Inference Protocol)
 gateway    the HTTP gateway (OIP REST in front of the replicas)
 infer      call a model through the gateway or a replica, print its outputs (--async: as a queued job)
+generate   stream a generative model's tokens through the gateway as they come
 jobs       show or cancel an async job: jobs get ID, jobs cancel ID
 bench      put load on the gateway or a replica and summarise what happened
 """
@@ -104,6 +105,15 @@ def _infer(args: argparse.Namespace) -> int:
     return _run("infer", _call(args))
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from inferencehub.generate_cli import generate
+
+    return _run(
+        "generate",
+        generate(args.url, args.model, args.prompt, args.max_tokens, args.stop, args.timeout, _api_key(args)),
+    )
+
+
 def _jobs(args: argparse.Namespace) -> int:
     from inferencehub.jobs_cli import jobs_command
 
@@ -140,10 +150,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _target_arguments(parser: argparse.ArgumentParser) -> None:
+    _gateway_arguments(parser, "seconds per request (default %(default)s)")
+    parser.add_argument("--grpc", metavar="TARGET", help="call an inference replica directly over gRPC instead")
+
+
+def _gateway_arguments(parser: argparse.ArgumentParser, timeout_help: str) -> None:
     default = os.environ.get("INFERENCEHUB_URL", "http://127.0.0.1:8080")
     parser.add_argument("--url", default=default, help="the gateway [env INFERENCEHUB_URL, default %(default)s]")
-    parser.add_argument("--grpc", metavar="TARGET", help="call an inference replica directly over gRPC instead")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=30.0, help=timeout_help)
     parser.add_argument(
         "--api-key",
         metavar="KEY",
@@ -214,6 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--wait", type=float, default=3600.0, help="with --async: seconds to poll (default 3600)")
     _target_arguments(infer)
     infer.set_defaults(run=_infer)
+
+    generate = commands.add_parser(
+        "generate",
+        help="stream a generative model's tokens",
+        description="Send a prompt to a generative model (such as mock-llm) through the gateway's generate_stream "
+        "and print its tokens as they arrive; then, on stderr, the finish reason, the token counts and the time to "
+        "the first token. --timeout is the whole stream's deadline.",
+    )
+    generate.add_argument("model")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-tokens", type=int, help="the model's max_tokens input (its default if left out)")
+    generate.add_argument("--stop", action="append", default=[], help="a stop string (repeat for several)")
+    _gateway_arguments(generate, "seconds the whole stream may take (default %(default)s)")
+    generate.set_defaults(run=_generate)
 
     jobs = commands.add_parser(
         "jobs",

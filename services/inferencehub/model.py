@@ -24,10 +24,36 @@ Where ``predict`` runs is set by the config's ``execution``:
   CPU-bound Python never holds the server's GIL; the model is loaded in each worker;
 - ``"thread"``: in a thread pool, right for numpy code that releases the GIL;
 - an ``async def predict`` runs on the event loop and must never block it.
+
+A generative (decoupled) model answers one request with a sequence of responses: its config says
+``"decoupled": true`` and it implements ``generate`` instead of ``predict``, an async generator that
+yields each response's outputs (a dict, or a ``Response`` to add response parameters or mark the last
+one ``final``)::
+
+    class Countdown(Model):
+        async def generate(self, inputs):
+            n = int(inputs["start"][0])
+            for i in range(n, 0, -1):
+                await asyncio.sleep(0.01)  # never block the loop: await, or compute in small steps
+                yield Response({"count": np.array([i], dtype=np.int32)}, final=i == 1)
+
+Clients call it with ``ModelStreamInfer`` (Triton's decoupled semantics) or the gateway's ``/generate``
+and ``/generate_stream``; unary ``ModelInfer`` refuses it. The generator advances only as fast as the
+caller reads: each ``yield`` returns once its response is handed to the transport. When the caller goes
+away, or the call's deadline passes, the generator is closed at its current ``await`` or ``yield``
+(``GeneratorExit``/``CancelledError``: ``try/finally`` runs, nothing more is computed). An exception
+ends the request with an error response naming it; the stream stays open for other requests.
+A ``generate`` that ends without a ``final`` response gets an empty final response from the replica.
+
+``generate`` runs on the event loop when it is an ``async def`` (``execution`` does not matter). A plain
+generator function (``def generate(...): ... yield``) is allowed with ``"execution": "thread"``: each
+step (up to its next ``yield``) runs in the thread pool, so it may block. ``"execution": "process"``
+is refused at load time for decoupled models (a generator cannot be stepped across processes).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +66,7 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]  # -1 marks a variable dimension
+    optional: bool = False  # an input the request may leave out (Triton's ``optional``)
 
 
 @dataclass(frozen=True)
@@ -91,10 +118,20 @@ class ModelConfig:
     batching: Batching | None = None
     scheduling: Scheduling = field(default_factory=Scheduling)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    decoupled: bool = False  # generative: many responses per request (Triton's model_transaction_policy)
+
+
+@dataclass
+class Response:
+    """One response of a generative model: its outputs, response parameters, and whether it is the last."""
+
+    outputs: dict[str, np.ndarray]
+    parameters: dict[str, bool | int | str] = field(default_factory=dict)
+    final: bool = False
 
 
 class Model:
-    """Base class for models. Subclasses override ``load`` and ``predict``."""
+    """Base class for models. Subclasses override ``load`` and ``predict`` (or ``generate``, when decoupled)."""
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -103,4 +140,10 @@ class Model:
         """Load weights or other state. Called once per process before any predict."""
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def generate(
+        self, inputs: dict[str, np.ndarray]
+    ) -> AsyncIterator[dict[str, np.ndarray] | Response] | Iterator[dict[str, np.ndarray] | Response]:
+        """A decoupled model's responses to one request (see the module's docstring)."""
         raise NotImplementedError

@@ -24,11 +24,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import inferencehub
 from inferencehub import logs, tracing
 from inferencehub.errors import InferenceHubError, InvalidInput
-from inferencehub.gateway import jobs, repository, rest, statistics
+from inferencehub.gateway import generate, jobs, openai_api, repository, rest, statistics, streaming
 from inferencehub.gateway.auth import Access
 from inferencehub.gateway.body_budget import BodyBudget, read_body
 from inferencehub.gateway.coalescer import coalescer_for
 from inferencehub.gateway.connections import BodyTimeout, GatewayRunner, Limits
+from inferencehub.gateway.deadlines import deadline
 from inferencehub.gateway.http_errors import error_response, upstream_error_response
 from inferencehub.gateway.keys import (
     BODY_BUDGET,
@@ -49,7 +50,7 @@ from inferencehub.gateway.replicas import ReplicaSet
 from inferencehub.gateway.status import Traffic, status
 from inferencehub.gateway.traced import traced_requests
 from inferencehub.gateway.upstream import Upstream, UpstreamError, channel_options
-from inferencehub.metadata import DEADLINE_HEADER, REPLICA_KEY, REQUEST_ID_HEADER
+from inferencehub.metadata import REPLICA_KEY, REQUEST_ID_HEADER
 from inferencehub.model_state import Desired
 from inferencehub.processes import announce
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
@@ -58,7 +59,6 @@ from inferencehub.settings import GatewaySettings
 log = logging.getLogger(__name__)
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:/=+-]{1,128}$")
-DEADLINE_PATTERN = re.compile(r"^[0-9]{1,9}$")  # ASCII digits only: str.isdigit() also takes '³' and '٣'
 UNPARSED = "(unparsed)"  # the route label of answers given before a request could be routed
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer
 BINARY_EXTENSION = "binary_tensor_data"
@@ -146,27 +146,6 @@ def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
 
 
 # --- handlers ------------------------------------------------------------------------------
-
-
-def deadline(request: web.Request) -> float:
-    """The call's deadline in seconds: the client's ``X-InferenceHub-Deadline-Ms``, else the gateway's default.
-
-    A deadline above ``max_deadline_seconds`` is refused, never shortened silently: the replicas keep aged
-    connections open that long (their own ``max_deadline_seconds``), so a longer call could be cut mid-run.
-    """
-    settings = request.app[SETTINGS]
-    asked = request.headers.get(DEADLINE_HEADER)
-    if asked is None:
-        return settings.deadline_seconds
-    if not DEADLINE_PATTERN.match(asked) or int(asked) == 0:
-        raise InvalidInput(f"{DEADLINE_HEADER} must be a positive whole number of milliseconds (ASCII digits)")
-    seconds = int(asked) / 1000
-    if seconds > settings.max_deadline_seconds:
-        raise InvalidInput(
-            f"{DEADLINE_HEADER} is {asked} ms, above the longest deadline this gateway allows: "
-            f"{settings.max_deadline_seconds * 1000:.0f} ms (--max-deadline-seconds)"
-        )
-    return seconds
 
 
 async def call(request: web.Request, method: str, message):
@@ -318,6 +297,7 @@ async def status_json(request: web.Request) -> web.Response:
     queue = request.app.get(JOBS)
     if queue is not None:
         body["jobs"] = await queue.recent_jobs()
+    body["streams"] = request.app[streaming.STREAMS].window.json()
     return web.json_response(body, headers={"Cache-Control": "no-store"})
 
 
@@ -395,7 +375,7 @@ def routes() -> list[web.RouteDef]:
             get(prefix + "/stats", model_statistics),
             web.post(prefix + "/infer", infer, expect_handler=expect),
         ]
-    return table + jobs.routes()
+    return table + generate.routes() + openai_api.routes() + jobs.routes()
 
 
 # --- the app and its process ---------------------------------------------------------------
@@ -444,7 +424,9 @@ def create_app(settings: GatewaySettings) -> web.Application:
     access = Access.from_settings(settings, app[METRICS].registry)
     if access is not None:  # API keys and rate limits: after observe (ids, metrics), before the routes
         app.middlewares.insert(app.middlewares.index(observe) + 1, access.middleware())
+    app.middlewares.insert(app.middlewares.index(observe) + 1, openai_api.openai_errors)  # wraps keys and errors
     app[TRAFFIC] = Traffic()
+    streaming.install(app)
     app.cleanup_ctx.append(_upstream_ctx)
     if settings.nats_url:
         jobs.install(app, settings, app[METRICS].registry, app[TRACING])
@@ -498,6 +480,7 @@ async def serve(settings: GatewaySettings) -> None:
         log.info("draining for %.1fs", settings.drain_seconds)
         await asyncio.sleep(settings.drain_seconds)
         log.info("closing the listener; in-flight requests have %.1fs to finish", settings.grace_seconds)
+        app[streaming.STREAMS].end_open_streams(settings.grace_seconds)
     finally:
         await runner.cleanup()
         listener.close()  # already closed once its site has started and stopped; not if setup failed

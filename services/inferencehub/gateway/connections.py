@@ -74,6 +74,13 @@ class GatewayConnection(RequestHandler):
         self._header_deadline: asyncio.TimerHandle | None = None
         self._awaiting_headers = True
         self._refused = False
+        self._on_lost: list[Callable[[], None]] = []
+
+    def on_lost(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` as soon as the client's connection is lost (aiohttp does not cancel a handler when
+        its client hangs up: a streaming handler cancels its upstream call here). Returns what unregisters it."""
+        self._on_lost.append(callback)
+        return lambda: self._on_lost.remove(callback) if callback in self._on_lost else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         manager = self._manager
@@ -91,6 +98,9 @@ class GatewayConnection(RequestHandler):
         self._cancel_header_deadline()
         if not self._refused:
             super().connection_lost(exc)
+        callbacks, self._on_lost = self._on_lost, []
+        for callback in callbacks:
+            callback()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:

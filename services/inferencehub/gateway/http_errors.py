@@ -47,12 +47,18 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-def upstream_error_response(code: grpc.StatusCode, details: str) -> web.Response:
+def upstream_error(code: grpc.StatusCode, details: str) -> tuple[int, str, dict[str, str] | None]:
+    """The HTTP status, message and headers a failed upstream call is answered with."""
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
-        return error_response(413, f"the request is too large for the inference service: {details}")
+        return 413, f"the request is too large for the inference service: {details}", None
     status = HTTP_STATUS.get(code, 500)
     message = details if code in CALLER_DETAILS else FIXED_MESSAGES.get(code, f"inference failed ({code.name})")
     if code is grpc.StatusCode.UNAVAILABLE and details.startswith(MODEL_DETAILS):
         message = details  # a replica saying which model is not ready (loading, being replaced): worth passing on
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if status in (429, 503) else None
+    return status, message, headers
+
+
+def upstream_error_response(code: grpc.StatusCode, details: str) -> web.Response:
+    status, message, headers = upstream_error(code, details)
     return error_response(status, message, headers)

@@ -311,3 +311,46 @@ def model_config_json(config: pb.ModelConfig) -> dict[str, Any]:
             "max_queue_delay_microseconds": config.dynamic_batching.max_queue_delay_microseconds,
         }
     return doc
+
+
+def output_values(response: pb.ModelInferResponse) -> dict[str, Any]:
+    """Each output as a JSON value, the way Triton's generate extension writes them: a tensor of one element as
+    that element, a larger one as a flat list; BYTES as strings (``InvalidInput`` if they are not UTF-8)."""
+    values: dict[str, Any] = {}
+    for i, tensor in enumerate(response.outputs):
+        dt = DATATYPES[tensor.datatype]
+        array = _output_array(response, i, dt, list(tensor.shape), tensor.name)
+        items = _json_strings(array, tensor.name) if dt.name == "BYTES" else array.tolist()
+        values[tensor.name] = items[0] if len(items) == 1 else items
+    return values
+
+
+def parameter_values(parameters) -> dict[str, Any]:
+    """A protobuf parameter map as plain JSON values."""
+    return {
+        key: getattr(p, p.WhichOneof("parameter_choice"))
+        for key, p in parameters.items()
+        if p.WhichOneof("parameter_choice")
+    }
+
+
+def add_json_input(request: pb.ModelInferRequest, name: str, datatype: str, value: Any) -> None:
+    """Add input ``name`` from a plain JSON value (Triton's generate extension): a scalar is a tensor of shape
+    [1], a (nested) list has the list's shape. Raises ``InvalidInput`` naming the input when it does not fit."""
+    if datatype not in DATATYPES:
+        raise InvalidInput(f"input '{name}': the model declares datatype {datatype!r}, which this API cannot send")
+    array = value if isinstance(value, list) else [value]
+    shape = list(np.shape(np.asarray(array, dtype=object))) if array else [0]
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    request.raw_input_contents.append(
+        _json_data_to_raw(array, DATATYPES[datatype], shape, element_count(shape, name), name)
+    )
+
+
+def set_parameters(params: dict[str, Any], target) -> None:
+    """Copy plain JSON parameters (strings, numbers, booleans) into a protobuf parameter map; ``InvalidInput`` for
+    anything else, naming the parameter."""
+    for key, item in params.items():
+        if not isinstance(item, (str, int, float, bool)) or (isinstance(item, int) and not -(2**63) <= item < 2**64):
+            raise InvalidInput(f"parameter '{key}' must be a string, a number or true/false")
+    _set_parameters(params, target)

@@ -128,6 +128,11 @@ class Upstream:
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.retiring[old] = asyncio.ensure_future(self._retire(old))
 
+    def refresh_tls(self) -> None:
+        """New TLS files: later calls go over a new channel."""
+        if self.tls is not None and self.tls.reloaded():
+            self._reopen()
+
     async def _retire(self, old: grpc.aio.Channel) -> None:
         try:
             await old.close(grace=self.settings.max_deadline_seconds)
@@ -136,8 +141,7 @@ class Upstream:
 
     async def call(self, method: str, request, *, request_id: str, timeout: float):
         """Call ``method``; return the response and the name of the replica that served it."""
-        if self.tls is not None and self.tls.reloaded():
-            self._reopen()
+        self.refresh_tls()
         metadata = ((REQUEST_ID_KEY, request_id),)
         if self.tracing is None:
             return await self._call(method, request, metadata, timeout)

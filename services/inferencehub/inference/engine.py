@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from inferencehub.errors import ModelError, ModelLoadFailed, ModelNotFound, ModelNotReady
+from inferencehub.errors import InvalidInput, ModelError, ModelLoadFailed, ModelNotFound, ModelNotReady
 from inferencehub.inference.metrics import InferenceMetrics
 from inferencehub.inference.scheduler import ModelScheduler
 from inferencehub.inference.statistics import ModelStats, Timing
@@ -200,7 +200,11 @@ class Engine:
     def _concurrency(self, served: ServedModel) -> int:
         if served.config.scheduling.max_concurrency is not None:
             return served.config.scheduling.max_concurrency
-        if served.model is not None and inspect.iscoroutinefunction(served.model.predict):
+        model = served.model
+        if model is not None and (
+            inspect.iscoroutinefunction(model.predict)
+            or (served.config.decoupled and inspect.isasyncgenfunction(model.generate))
+        ):
             return ASYNC_CONCURRENCY
         return self.workers.process_count if served.config.execution == "process" else self.workers.thread_count
 
@@ -244,6 +248,11 @@ class Engine:
 
         ``deadline`` is in event-loop time: queued work still waiting then is dropped, not computed.
         """
+        if served.config.decoupled:
+            raise InvalidInput(
+                f"model '{served.config.name}' is decoupled (it streams many responses per request): call "
+                f"ModelStreamInfer, or the gateway's /v2/models/{served.config.name}/generate or /generate_stream"
+            )
         if served.retired:
             served = self._successor(served)
         if not served.ready or served.scheduler is None or self.state is State.LOADING:

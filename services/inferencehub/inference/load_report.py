@@ -19,6 +19,9 @@ stands in when ``application_utilization`` is 0). What this replica reports, ave
   weight...) and, with reports that lag a second or two, oscillates: in one experiment, at 85% load on three
   equal replicas, it made p99 10 to 25 times round robin's. Queueing still lowers a replica's weight through
   ``eps`` when it ends in refusals or expired deadlines.
+- streams: a generation on a decoupled model (``ModelStreamInfer``) holds one of its model's execution slots from
+  its start to its final response, so open streams count as busy slots in ``application_utilization`` and as in
+  flight, like unary calls: a replica full of streams weighs less, and is not picked first.
 - ``cpu_utilization``: CPU time of this process and its model worker processes, as a fraction of the
   CPUs it may run on.
 - ``mem_utilization``: this process's resident memory as a fraction of the machine's (Linux).

@@ -30,7 +30,7 @@ class InferenceMetrics:
         )
         self.in_flight = Gauge(
             "inferencehub_inference_in_flight_requests",
-            "ModelInfer calls being handled now, by model.",
+            "ModelInfer calls, and generations streaming (ModelStreamInfer), being handled now, by model.",
             ["model"],
             registry=self.registry,
         )
@@ -77,6 +77,27 @@ class InferenceMetrics:
             "inferencehub_inference_expired_requests",
             "Queued requests dropped before computing: their deadline passed, or their caller cancelled.",
             ["model", "reason"],
+            registry=self.registry,
+        )
+
+        # Streams: a decoupled model's generations (ModelStreamInfer requests).
+        self.open_streams = Gauge(
+            "inferencehub_inference_open_streams",
+            "Generations streaming now (ModelStreamInfer requests on decoupled models), by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.stream_tokens = Counter(
+            "inferencehub_inference_stream_tokens",
+            "Streamed responses that carried outputs (tokens), by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.streams_cancelled = Counter(
+            "inferencehub_inference_streams_cancelled",
+            "Generations stopped before their end because their call ended (caller cancelled or hung up, "
+            "deadline passed, replica stopped), by model.",
+            ["model"],
             registry=self.registry,
         )
 

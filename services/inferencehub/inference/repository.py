@@ -38,6 +38,7 @@ TOP_LEVEL_FIELDS = {
     "batching",
     "scheduling",
     "version_policy",
+    "decoupled",
 }
 EXECUTIONS = ("thread", "process")
 
@@ -98,7 +99,11 @@ def parse_config(raw: Any, source: Path) -> ModelConfig:
     parameters = raw.get("parameters", {})
     if not isinstance(parameters, dict):
         raise fail("parameters", "expected a JSON object")
-    execution = raw.get("execution", runtime.default_execution(parameters))
+    decoupled = raw.get("decoupled", False)
+    if not isinstance(decoupled, bool):
+        raise fail("decoupled", "expected true (a generative model: many responses per request) or false")
+    # A decoupled model's generator is stepped in the replica (see inferencehub.model): thread, not process.
+    execution = raw.get("execution", "thread" if decoupled else runtime.default_execution(parameters))
     if execution not in EXECUTIONS:
         raise fail("execution", f"expected one of {', '.join(EXECUTIONS)}, got {execution!r}")
     platform = raw.get("platform", runtime.platform)
@@ -121,13 +126,14 @@ def parse_config(raw: Any, source: Path) -> ModelConfig:
         source=source,
         scheduling=_scheduling(raw.get("scheduling"), fail),
         version_policy=_version_policy(raw.get("version_policy"), fail),
+        decoupled=decoupled,
     )
     if versioned:  # each version's model file is in its own folder: described and resolved in expand()
         return replace(config, batching=_batching(raw.get("batching"), config.inputs, config.outputs, fail))
     if runtime.describe is not None:
         config = runtime.describe(config)  # inputs and outputs as the model file says them
     config = replace(config, batching=_batching(raw.get("batching"), config.inputs, config.outputs, fail))
-    runtime.resolve(config)  # validates the runtime's parameters
+    runtimes.resolve(config)  # validates the runtime's parameters
     return config
 
 
@@ -157,7 +163,7 @@ def expand(config: ModelConfig) -> list[ModelConfig]:
         if runtime.describe is not None:
             one = runtime.describe(one)  # inputs and outputs as this version's model file says them
             _check_batch_dimension(one)
-        runtime.resolve(one)
+        runtimes.resolve(one)
         configs.append(one)
     return configs
 
@@ -207,9 +213,13 @@ def _tensors(raw: dict, key: str, fail, optional: bool = False) -> tuple[TensorS
         where = f"{key}[{i}]"
         if not isinstance(item, dict):
             raise fail(where, "expected an object with name, datatype and shape")
-        unknown = sorted(set(item) - {"name", "datatype", "shape"})
+        allowed = {"name", "datatype", "shape", "optional"} if key == "inputs" else {"name", "datatype", "shape"}
+        unknown = sorted(set(item) - allowed)
         if unknown:
-            raise fail(f"{where}.{unknown[0]}", "unknown field (expected name, datatype, shape)")
+            raise fail(f"{where}.{unknown[0]}", f"unknown field (expected {', '.join(sorted(allowed))})")
+        optional_input = item.get("optional", False)
+        if not isinstance(optional_input, bool):
+            raise fail(f"{where}.optional", "expected true (requests may leave the input out) or false")
         name = item.get("name")
         if not isinstance(name, str) or not name:
             raise fail(f"{where}.name", "expected a non-empty string")
@@ -225,7 +235,7 @@ def _tensors(raw: dict, key: str, fail, optional: bool = False) -> tuple[TensorS
             raise fail(f"{where}.shape", "expected a non-empty list of dimensions, each > 0 or -1 (variable)")
         if name in {s.name for s in specs}:
             raise fail(f"{where}.name", f"duplicate tensor name '{name}'")
-        specs.append(TensorSpec(name, dtype, tuple(shape)))
+        specs.append(TensorSpec(name, dtype, tuple(shape), optional_input))
     return tuple(specs)
 
 

@@ -41,6 +41,7 @@ class Pending:
     enqueued: float
     future: asyncio.Future = field(repr=False)
     timing: Timing | None = field(default=None, repr=False)
+    stream: bool = False  # a decoupled model's request: takes a slot for its whole generation, never batched
 
 
 class ModelScheduler:
@@ -101,6 +102,55 @@ class ModelScheduler:
         self.arrived.set()
         return await pending.future  # a caller that goes away cancels this future; the dispatcher skips it
 
+    async def hold(self, deadline: float | None, timing: Timing | None = None) -> Callable[[], None]:
+        """Wait in the queue like any request, then hold one execution slot until the returned release is called.
+
+        A decoupled model's generation holds its slot while it streams, so open streams count against
+        ``max_concurrency`` and the queue (admission control) and as busy slots (the load report).
+        """
+        free = self.concurrency - self.busy
+        if len(self.queue) >= self.max_queue + max(free, 0):
+            self.m_rejected.inc()
+            raise Overloaded(
+                f"model '{self.config.name}' is overloaded: {self.busy} generations running, {len(self.queue)} "
+                f"requests waiting (max_queue_size {self.max_queue}); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        pending = Pending({}, 0, (object(),), deadline, loop.time(), loop.create_future(), timing, stream=True)
+        if timing is not None:
+            timing.enqueued = time.perf_counter_ns()
+        self.queue.append(pending)
+        self.m_depth.set(len(self.queue))
+        self.arrived.set()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # The slot may have been handed over just as the caller left: give it back.
+            if pending.future.done() and not pending.future.cancelled() and pending.future.exception() is None:
+                pending.future.result()()
+            raise
+
+    def _lease(self, pending: Pending) -> None:
+        """Hand a held slot to a waiting stream (or take it back at once if the stream left meanwhile)."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.busy -= 1
+                if self.on_busy is not None:
+                    self.on_busy(-1)
+                self.slots.release()
+
+        if pending.timing is not None:
+            pending.timing.dispatched = pending.timing.started = time.perf_counter_ns()
+            pending.timing.batch_size = 1
+        if pending.future.done():
+            release()
+        else:
+            pending.future.set_result(release)
+
     async def drained(self, timeout: float) -> bool:
         """Wait (up to ``timeout`` seconds) until nothing is queued or running; False if time ran out."""
         loop = asyncio.get_running_loop()
@@ -136,6 +186,9 @@ class ModelScheduler:
             self.busy += 1
             if self.on_busy is not None:
                 self.on_busy(1)
+            if batch[0].stream:
+                self._lease(batch[0])
+                continue
             task = asyncio.create_task(self._execute(batch))
             self.running.add(task)
             task.add_done_callback(self.running.discard)
@@ -143,7 +196,7 @@ class ModelScheduler:
     async def _next_batch(self) -> list[Pending]:
         first = await self._pop_live()
         batch = [first]
-        if not self.batching:
+        if not self.batching or first.stream:
             return batch
         rows = first.rows
         limit = self.batching.max_batch_size

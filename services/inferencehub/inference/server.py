@@ -25,11 +25,12 @@ from inferencehub import model_state, tls, tracing
 from inferencehub.errors import InferenceHubError
 from inferencehub.inference.control import ModelControl
 from inferencehub.inference.engine import Engine, ServedModel, State
+from inferencehub.inference.generate import StreamingServicer
 from inferencehub.inference.jobs import JobRunner
 from inferencehub.inference.load_report import LoadReporter
 from inferencehub.inference.metrics import InferenceMetrics
 from inferencehub.inference.repository import SHIPPED_MODELS
-from inferencehub.inference.servicer import SERVICE_NAME, InferenceServicer
+from inferencehub.inference.servicer import SERVICE_NAME
 from inferencehub.inference.streams import HealthServicer, ReflectionServicer
 from inferencehub.inference.workers import Workers, cpu_count
 from inferencehub.processes import announce
@@ -220,7 +221,7 @@ async def start(settings: InferenceSettings) -> InferenceServer:
     streams_stopping = asyncio.Event()
     health = HealthServicer(streams_stopping)
     load_reporter = LoadReporter(replica, cpus=cpu_count(), worker_pids=lambda: worker_pids(workers))
-    servicer = InferenceServicer(engine, metrics, replica, tracer, load_reporter, control)
+    servicer = StreamingServicer(engine, metrics, replica, tracer, load_reporter, control)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

@@ -90,13 +90,13 @@ class Signature:
         return spec
 
     def check_complete(self, names: Sequence[str]) -> None:
-        """Each input given once, and none missing."""
+        """Each input given once, and none missing (but those the config marks optional)."""
         if len(set(names)) != len(names):
             duplicate = next(n for n in names if names.count(n) > 1)
             raise InvalidInput(f"input '{duplicate}' is given more than once")
         if len(names) != len(self.inputs):
             for spec in self.inputs:
-                if spec.name not in names:
+                if spec.name not in names and not spec.optional:
                     raise InvalidInput(f"model '{self.name}': missing input '{spec.name}' ({describe(spec)})")
 
     def output_specs(self, requested: Sequence[str]) -> list[TensorSpec]:

@@ -1,6 +1,7 @@
 """Runtimes: how a model config's ``runtime`` becomes a ``Model`` class.
 
-- ``mock``: the mock inference engine (simulated latency, sleep or busy, error injection);
+- ``mock``: the mock inference engine (simulated latency, sleep or busy, error injection); decoupled, the
+  generative mock (``mock_llm``: streams words);
 - ``mlp``: a numpy multi-layer perceptron classifier whose weights ship with the model;
 - ``python``: a user's own ``Model`` subclass, named by import path;
 - ``onnx``: an ONNX file run by onnxruntime;
@@ -12,12 +13,13 @@ may leave them out. Their libraries (the ``runtimes`` extra) are imported only w
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from inferencehub.errors import ConfigError
-from inferencehub.inference.runtimes import mlp, mock, onnx, python, sklearn
+from inferencehub.inference.runtimes import mlp, mock, mock_llm, onnx, python, sklearn
 from inferencehub.model import Model, ModelConfig
 
 
@@ -31,8 +33,13 @@ class Runtime:
     describe: Callable[[ModelConfig], ModelConfig] | None = None
 
 
+def _mock(config: ModelConfig) -> type[Model]:
+    """The echo mock, or with ``"decoupled": true`` the generative one."""
+    return mock_llm.resolve(config) if config.decoupled else mock.resolve(config)
+
+
 RUNTIMES: dict[str, Runtime] = {
-    "mock": Runtime("inferencehub_mock", mock.resolve, mock.default_execution),
+    "mock": Runtime("inferencehub_mock", _mock, mock.default_execution),
     "mlp": Runtime("numpy_mlp", mlp.resolve, lambda _: "thread"),
     "python": Runtime("python", python.resolve, lambda _: "process"),
     "onnx": Runtime("onnxruntime_onnx", onnx.resolve, lambda _: "thread", onnx.describe),
@@ -40,9 +47,39 @@ RUNTIMES: dict[str, Runtime] = {
 }
 
 
+def resolve(config: ModelConfig) -> type[Model]:
+    """The model class for ``config``, its parameters validated; a decoupled model's checked to generate."""
+    cls = RUNTIMES[config.runtime].resolve(config)
+    if not config.decoupled:
+        if cls.generate is not Model.generate and cls.predict is Model.predict:
+            raise ConfigError(
+                f"{config.source}: decoupled: model '{config.name}' implements generate (many responses per "
+                'request): set "decoupled": true'
+            )
+        return cls
+    if cls.generate is Model.generate:
+        raise ConfigError(
+            f"{config.source}: decoupled: model '{config.name}' is decoupled but {cls.__name__} has no generate "
+            "(an async generator of responses)"
+        )
+    if config.execution == "process":
+        raise ConfigError(
+            f"{config.source}: execution: a decoupled model cannot run in worker processes (its generator is stepped "
+            'in the replica): use "thread" (a plain generator, each step in the thread pool) or an async generate'
+        )
+    if config.batching is not None:
+        raise ConfigError(f"{config.source}: batching: a decoupled model's requests are not batched; remove it")
+    if not (inspect.isasyncgenfunction(cls.generate) or inspect.isgeneratorfunction(cls.generate)):
+        raise ConfigError(
+            f"{config.source}: decoupled: {cls.__name__}.generate must be a generator (async def ... yield, "
+            "or def ... yield)"
+        )
+    return cls
+
+
 def build(config: ModelConfig) -> Model:
     """A loaded model instance for ``config``."""
-    model = RUNTIMES[config.runtime].resolve(config)(config)
+    model = resolve(config)(config)
     try:
         model.load()
     except ConfigError:

@@ -11,7 +11,7 @@ Parameters (all optional)::
     "seed": 0                     seed of the latency and error draws
 
 Output i echoes input i, so the config lists as many outputs as inputs, with the
-same datatypes.
+same datatypes. With ``"decoupled": true`` the mock is generative instead: see ``mock_llm``.
 """
 
 from __future__ import annotations
@@ -57,20 +57,20 @@ class Latency:
         return max(0.0, ms) / 1000.0
 
 
-def parse_latency(config: ModelConfig) -> Latency:
-    raw = config.parameters.get("latency", {"distribution": "fixed", "ms": 0})
+def parse_latency(config: ModelConfig, key: str = "latency") -> Latency:
+    raw = config.parameters.get(key, {"distribution": "fixed", "ms": 0})
     if not isinstance(raw, dict):
-        raise params.error(config, "latency", 'expected an object such as {"distribution": "fixed", "ms": 20}')
+        raise params.error(config, key, 'expected an object such as {"distribution": "fixed", "ms": 20}')
     dist = raw.get("distribution", "fixed")
     if dist not in DISTRIBUTIONS:
-        raise params.error(config, "latency.distribution", f"expected one of {', '.join(DISTRIBUTIONS)}, got {dist!r}")
+        raise params.error(config, f"{key}.distribution", f"expected one of {', '.join(DISTRIBUTIONS)}, got {dist!r}")
     keys = DISTRIBUTIONS[dist]
     unknown = sorted(set(raw) - {"distribution", *keys})
     if unknown:
-        raise params.error(config, f"latency.{unknown[0]}", f"unknown field for {dist} (expected {', '.join(keys)})")
-    args = tuple(params.number(config, raw, k, f"latency.{k}") for k in keys)
+        raise params.error(config, f"{key}.{unknown[0]}", f"unknown field for {dist} (expected {', '.join(keys)})")
+    args = tuple(params.number(config, raw, k, f"{key}.{k}") for k in keys)
     if dist == "uniform" and args[0] > args[1]:
-        raise params.error(config, "latency.min_ms", "must not exceed latency.max_ms")
+        raise params.error(config, f"{key}.min_ms", f"must not exceed {key}.max_ms")
     return Latency(dist, args)
 
 

@@ -48,10 +48,12 @@ import numpy as np
 
 from inferencehub import logs
 from inferencehub.errors import InferenceHubError, ModelError, ModelNotReady
+from inferencehub.inference import pipeline
 from inferencehub.inference.engine import ServedModel, State
-from inferencehub.inference.servicer import InferenceServicer, caller_request_id, decode_inputs, encode_outputs
+from inferencehub.inference.servicer import InferenceServicer, caller_request_id
 from inferencehub.inference.statistics import Timing
 from inferencehub.model import Model, Response
+from inferencehub.oip.codec import decode_inputs, encode_outputs
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.tracing import REPLICA_ATTRIBUTE
 
@@ -204,7 +206,7 @@ class StreamingServicer(InferenceServicer):
             if served.config.decoupled:
                 await self._decoupled(request, served, write, deadline, timing)
             else:
-                response = await self._infer(request, context, timing)
+                response = await pipeline.infer(self.engine, request, deadline, timing)
                 response.parameters[FINAL].bool_param = True
                 await write(pb.ModelStreamInferResponse(infer_response=response))
         except InferenceHubError as exc:
@@ -235,9 +237,8 @@ class StreamingServicer(InferenceServicer):
         timing: Timing,
     ) -> None:
         config = served.config
-        inputs = decode_inputs(request, served)
+        inputs, specs = decode_inputs(request, served.signature)
         timing.decoded = time.perf_counter_ns()
-        specs = served.output_specs([o.name for o in request.outputs])
         empty_final = request.parameters[EMPTY_FINAL].bool_param if EMPTY_FINAL in request.parameters else False
         raw = bool(request.raw_input_contents)
         if served.retired:

@@ -45,7 +45,8 @@ concurrency and the CPU each process spent in it. Every server does the same mod
 numpy: Triton runs `triton_iris.py` in its Python backend (a stub process beside its C++ server, dynamic batching
 up to 64 rows), MLServer `mlserver_iris.py` in its best tuning (`parallel_workers: 0`, uvloop and httptools;
 adaptive batching up to 64 rows) and its default one (an inference worker process behind the HTTP process).
-InferenceHub is `inferencehub up --replicas 1`'s shape: a gateway and one replica. The machine is shared with
+InferenceHub is `inferencehub up --replicas 1`'s shape: a gateway (its default `--workers`: one process per CPU,
+their CPU summed) and one replica. The machine is shared with
 other jobs: read the ratios, measured side by side, not the absolute numbers."""
 
 OURS = "InferenceHub (the defaults)"

@@ -172,7 +172,8 @@ class Gateway(Server):
     """An HTTP gateway."""
 
     def __init__(self, upstream: str, *args: str, env: dict[str, str] | None = None) -> None:
-        super().__init__(gateway_command(upstream, *args), env)
+        # One serving process unless a test asks for more (--workers, which wins over the env var).
+        super().__init__(gateway_command(upstream, *args), {"INFERENCEHUB_GATEWAY_WORKERS": "1", **(env or {})})
         self.port = _port(self.addresses["http"])
         self.url = f"127.0.0.1:{self.port}"
         wait_for(lambda: self.request("GET", "/readyz").status == 200, what="the gateway to be ready")

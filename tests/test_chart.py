@@ -904,3 +904,19 @@ def test_models_from_an_image_are_copied_by_an_init_container(rendered):
 def test_contradictory_model_values_are_refused(values, message):
     done = helm("helm3", "template", RELEASE, str(CHART), *values, check=False)
     assert done.returncode != 0 and message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "workers"),
+    [
+        ([], "1"),  # the default CPU limit, "1"
+        (["--set", "gateway.resources.limits.cpu=1500m"], "2"),
+        (["--set", "gateway.resources.limits.cpu=2.5"], "3"),
+        (["--set", "gateway.resources.limits.cpu=4", "--set", "gateway.workers=2"], "2"),  # the value wins
+        (["--set", "gateway.resources.limits=null"], "1"),
+    ],
+)
+def test_gateway_workers_follow_the_cpu_limit_unless_given(values: list[str], workers: str) -> None:
+    deployment = one(render("helm3", values), "Deployment", "gateway")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["INFERENCEHUB_GATEWAY_WORKERS"] == workers

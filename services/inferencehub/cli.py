@@ -43,10 +43,20 @@ def _inference(args: argparse.Namespace) -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    from inferencehub.gateway.app import serve
+    from inferencehub.gateway import workers
+    from inferencehub.gateway.app import check_settings, serve
 
     settings = from_args(GatewaySettings, args)
     logs.configure(settings.log_level)
+    try:
+        count = workers.worker_count(settings)
+        if count > 1:
+            check_settings(settings)
+    except InferenceHubError as exc:
+        print(f"inferencehub gateway: error: {exc}", file=sys.stderr)
+        return 2
+    if count > 1:
+        return _run("gateway", workers.supervise(settings, count))
     return _run("gateway", serve(settings), settings.event_loop)
 
 

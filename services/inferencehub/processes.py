@@ -210,9 +210,21 @@ class Child:
         self._cleanup(timeout=0)
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU time the child has used so far (Linux)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User plus system CPU time the child and its own running children (a gateway's workers) have used so
+        far, plus that of its children that have exited and been waited for (Linux)."""
+        ticks = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(entry.name) == self.proc.pid:
+                ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+            elif int(fields[1]) == self.proc.pid:
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def rss_mib(self, peak: bool = False) -> float:
         """Resident memory now (or its peak so far), in MiB (Linux)."""

@@ -149,6 +149,12 @@ class InferenceSettings:
 class GatewaySettings:
     host: str = setting("0.0.0.0", "address to listen on")
     port: int = setting(8080, "HTTP port (0: any free port)")
+    gateway_workers: int = setting(
+        0,
+        "gateway processes serving the port together (SO_REUSEPORT, sharing nothing), started and supervised by "
+        "this one (0: one per CPU of the cgroup's CPU quota, else of the CPU affinity; 1: this process serves)",
+        "--workers",
+    )
     upstream: str = setting(
         "127.0.0.1:8081",
         "gRPC target of the inference replicas, e.g. dns:///inferencehub-inference-headless:8081 "

@@ -154,6 +154,16 @@ capabilities:
 {{- end }}
 {{- end -}}
 
+{{/* The gateway's worker processes: gateway.workers, else its CPU limit rounded up ("1500m" or 1.5: 2), else 1. */}}
+{{- define "inferencehub.gatewayWorkers" -}}
+{{- $limit := dig "limits" "cpu" "" (.Values.gateway.resources | default dict) | toString -}}
+{{- if .Values.gateway.workers -}}{{ .Values.gateway.workers | int }}
+{{- else if not $limit -}}1
+{{- else if hasSuffix "m" $limit -}}{{ max 1 (div (add (trimSuffix "m" $limit | int) 999) 1000) }}
+{{- else -}}{{ max 1 (ceil (float64 $limit)) | int }}
+{{- end -}}
+{{- end -}}
+
 {{/* The replicas a component keeps at least: the HPA's minimum when it scales, else its replica count. */}}
 {{- define "inferencehub.minReplicas" -}}
 {{- $values := index .root.Values .component -}}

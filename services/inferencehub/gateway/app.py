@@ -19,12 +19,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import HttpVersion11, web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 import inferencehub
 from inferencehub import logs, tracing
 from inferencehub.errors import InferenceHubError, InvalidInput
-from inferencehub.gateway import generate, jobs, openai_api, repository, rest, statistics, streaming
+from inferencehub.gateway import generate, jobs, openai_api, repository, rest, siblings, statistics, streaming
 from inferencehub.gateway.auth import Access
 from inferencehub.gateway.body_budget import BodyBudget, read_body
 from inferencehub.gateway.coalescer import coalescer_for
@@ -47,6 +47,7 @@ from inferencehub.gateway.keys import (
 from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.gateway.openapi import openapi_document
 from inferencehub.gateway.replicas import ReplicaSet
+from inferencehub.gateway.siblings import RUN_DIR_ENV, WORKER_ENV
 from inferencehub.gateway.status import Traffic, status
 from inferencehub.gateway.traced import traced_requests
 from inferencehub.gateway.upstream import Upstream, UpstreamError, channel_options
@@ -172,7 +173,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    body = request.app[METRICS].scrape()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -293,7 +294,23 @@ async def status_json(request: web.Request) -> web.Response:
     if not replicas.views or any(v.checked == 0 for v in replicas.views.values()):
         await replicas.poll_once()  # answer with each replica's health, not an empty list
     state = request.app[STATE]
-    body = status(request.app[TRAFFIC], replicas, ready=state.started and not state.draining, draining=state.draining)
+    ready = state.started and not state.draining
+    window = request.app[TRAFFIC].window()
+    workers: list[dict] = []
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if run_dir:  # one of several workers: the whole gateway's minute (see gateway.siblings)
+        own = siblings.window_part(window, ready=ready, draining=state.draining)
+        others, _ = await siblings.gather(Path(run_dir), int(os.environ.get(WORKER_ENV, "0")))
+        parts = [own, *others]
+        window = siblings.merged(parts)
+        workers = sorted(
+            (
+                {k: p[k] for k in ("pid", "ready", "draining")} | {"requests": sum(p["replicas"].values())}
+                for p in parts
+            ),
+            key=lambda w: w["pid"],
+        )
+    body = status(window, replicas, ready=ready, draining=state.draining, workers=workers)
     queue = request.app.get(JOBS)
     if queue is not None:
         body["jobs"] = await queue.recent_jobs()
@@ -419,7 +436,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics()
     app[BODY_BUDGET] = BodyBudget(settings.max_decoding_bytes)
-    app[METRICS].decoding_bytes.set_function(lambda: app[BODY_BUDGET].in_use)
+    app[METRICS].watch(app[METRICS].decoding_bytes, lambda: app[BODY_BUDGET].in_use)
     app[STATE] = GatewayState()
     access = Access.from_settings(settings, app[METRICS].registry)
     if access is not None:  # API keys and rate limits: after observe (ids, metrics), before the routes
@@ -434,15 +451,22 @@ def create_app(settings: GatewaySettings) -> web.Application:
     return app
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The bound, listening HTTP socket on the first address ``host`` resolves to; StartupError if it cannot be."""
+def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """The bound, listening HTTP socket on the first address ``host`` resolves to; StartupError if it cannot be.
+    ``reuse_port``: shared with the gateway's other workers (SO_REUSEPORT)."""
     try:
         family, _, _, _, address = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        return socket.create_server(address, family=family, backlog=128)
+        return socket.create_server(address, family=family, backlog=128, reuse_port=reuse_port)
     except OSError as exc:
         raise StartupError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}") from None
+
+
+async def _refresh_metrics(metrics: GatewayMetrics) -> None:
+    while True:
+        metrics.refresh()
+        await asyncio.sleep(1.0)
 
 
 async def serve(settings: GatewaySettings) -> None:
@@ -454,14 +478,29 @@ async def serve(settings: GatewaySettings) -> None:
     def record(status: int) -> None:  # answers given before a request reaches the app
         metrics.requests.labels(UNPARSED, "", str(status)).inc()
 
-    listener = listen(settings.host, settings.port)  # before anything starts: a taken port leaves nothing to undo
+    run_dir = os.environ.get(RUN_DIR_ENV)  # one of several workers (see gateway.workers)
+    # before anything starts: a taken port leaves nothing to undo
+    listener = listen(settings.host, settings.port, reuse_port=bool(run_dir))
     runner = GatewayRunner(
         app, limits, record, access_log=None, handle_signals=False, shutdown_timeout=settings.grace_seconds
     )
-    metrics.connections.set_function(runner.open_connections)
+    metrics.watch(metrics.connections, runner.open_connections)
+    part_runner = None
+    refresher: asyncio.Task | None = None
     try:
         await runner.setup()
         await web.SockSite(runner, listener).start()
+        if run_dir:
+            refresher = asyncio.create_task(_refresh_metrics(metrics))
+            state = app[STATE]
+            traffic = app[TRAFFIC]
+            part_runner = await siblings.serve_part(
+                Path(run_dir),
+                int(os.environ.get(WORKER_ENV, "0")),
+                lambda: siblings.window_part(
+                    traffic.window(), ready=state.started and not state.draining, draining=state.draining
+                ),
+            )
         port = runner.addresses[0][1]
         log.info(
             "gateway %s listening: http://%s:%d, upstream %s",
@@ -482,6 +521,10 @@ async def serve(settings: GatewaySettings) -> None:
         log.info("closing the listener; in-flight requests have %.1fs to finish", settings.grace_seconds)
         app[streaming.STREAMS].end_open_streams(settings.grace_seconds)
     finally:
+        if refresher is not None:
+            refresher.cancel()
         await runner.cleanup()
+        if part_runner is not None:
+            await part_runner.cleanup()
         listener.close()  # already closed once its site has started and stopped; not if setup failed
     log.info("gateway stopped")

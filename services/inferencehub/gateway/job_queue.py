@@ -84,12 +84,14 @@ class JobMetrics:
             "Unfinished jobs in the model's queue (waiting, or held by a replica).",
             ["model"],
             registry=registry,
+            multiprocess_mode="mostrecent",  # with several gateway workers: the queue is one, the latest look wins
         )
         self.oldest = Gauge(
             "inferencehub_jobs_oldest_age_seconds",
             "Age of the model's oldest unfinished job.",
             ["model"],
             registry=registry,
+            multiprocess_mode="mostrecent",  # with several gateway workers: the queue is one, the latest look wins
         )
 
 

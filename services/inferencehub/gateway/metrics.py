@@ -1,13 +1,31 @@
-"""The gateway's Prometheus metrics, served at /metrics on the gateway's own port."""
+"""The gateway's Prometheus metrics, served at /metrics on the gateway's own port.
+
+With several workers (``gateway.workers``), prometheus_client's multiprocess mode: every worker's values live in
+files of the run's ``PROMETHEUS_MULTIPROC_DIR`` and a scrape at any worker sums them (gauges of live workers;
+what a worker counted before it was restarted stays counted). Gauges read from a function here are set from it
+each second instead, as a file cannot call a function.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import os
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 
 from inferencehub.buckets import BATCH_BUCKETS, LATENCY_BUCKETS
 from inferencehub.gateway.replica_labels import ReplicaLabels
 
 MAX_CHILDREN = 4096
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # read at import by prometheus_client too
 
 
 disable_created_metrics()  # the *_created series only add noise to every scrape
@@ -33,12 +51,14 @@ class GatewayMetrics:
             "inferencehub_gateway_open_connections",
             "Client connections open now (bounded by --max-connections).",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.decoding_bytes = Gauge(
             "inferencehub_gateway_decoding_bytes",
             "Request body bytes held now by requests being read, decoded or sent upstream "
             "(bounded by --max-decoding-bytes).",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.upstream_calls = Counter(
             "inferencehub_gateway_upstream_requests",
@@ -62,6 +82,28 @@ class GatewayMetrics:
         )
         # Label children looked up once (a labels() call costs more than the increment); bounded all the same.
         self._children: dict[tuple, tuple] = {}
+        self._functions: list[tuple[Gauge, Callable[[], float]]] = []
+
+    def watch(self, gauge: Gauge, function: Callable[[], float]) -> None:
+        """``gauge`` reads ``function`` when scraped (with several workers: each second, see ``refresh``)."""
+        if MULTIPROCESS:
+            self._functions.append((gauge, function))
+        else:
+            gauge.set_function(function)
+
+    def refresh(self) -> None:
+        """Set the function-read gauges from their functions (several workers: called each second)."""
+        for gauge, function in self._functions:
+            gauge.set(function())
+
+    def scrape(self) -> bytes:
+        """The text of /metrics: this process's registry, or every worker's files."""
+        if not MULTIPROCESS:
+            return generate_latest(self.registry)
+        self.refresh()
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
 
     def _child(self, key: tuple, make) -> tuple:
         child = self._children.get(key)

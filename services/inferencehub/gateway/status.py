@@ -77,8 +77,17 @@ def percentiles_ms(samples: list[float], *quantiles: str) -> dict[str, float | N
     }
 
 
-def status(traffic: Traffic, replicas: ReplicaSet, *, ready: bool, draining: bool) -> dict:
-    by_replica, errors, latencies = traffic.window()
+def status(
+    window: tuple[dict[str, int], int, list[tuple[str, float]]],
+    replicas: ReplicaSet,
+    *,
+    ready: bool,
+    draining: bool,
+    workers: list[dict] | None = None,
+) -> dict:
+    """The page's JSON from a window of traffic (``Traffic.window()``, or several workers' merged) and the
+    replicas; ``workers``: each gateway worker's pid, readiness and requests in the window (when there are several)."""
+    by_replica, errors, latencies = window
     total = sum(by_replica.values())
     served = total - by_replica.get(NO_REPLICA, 0)  # shares are of the requests a replica answered
     rows = []
@@ -125,5 +134,6 @@ def status(traffic: Traffic, replicas: ReplicaSet, *, ready: bool, draining: boo
             "latency_ms": percentiles_ms([t for _, t in latencies], "p50", "p90", "p99"),
         },
         "replicas": rows,
+        "workers": workers or [],
         "jobs": [],  # recent async jobs, filled in by the gateway when it has a job queue
     }

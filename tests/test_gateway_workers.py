@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 
 import pytest
+
+from inferencehub.processes import gateway_command
 
 from conftest import (
     IRIS_ROW,
@@ -101,5 +104,22 @@ def test_a_worker_that_dies_is_restarted(iris_replica) -> None:
         assert victim not in replaced
         wait_for(lambda: worker_pids(gateway) == replaced, what="the new worker to answer")
         assert gateway.running
+    finally:
+        gateway.stop()
+
+
+def test_rate_limits_keep_one_process(iris_replica) -> None:
+    """Token buckets live in one process: N workers would each allow the whole rate."""
+    refused = subprocess.run(
+        gateway_command(f"ipv4:{iris_replica.target}", "--workers", "2", "--rate-limit", "5"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "--rate-limit needs one gateway process" in refused.stderr and "Traceback" not in refused.stderr
+    gateway = Gateway(f"ipv4:{iris_replica.target}", "--workers", "0", "--rate-limit", "50")
+    try:
+        assert not children_of(gateway.pid)
     finally:
         gateway.stop()

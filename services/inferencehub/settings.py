@@ -152,7 +152,8 @@ class GatewaySettings:
     gateway_workers: int = setting(
         0,
         "gateway processes serving the port together (SO_REUSEPORT, sharing nothing), started and supervised by "
-        "this one (0: one per CPU of the cgroup's CPU quota, else of the CPU affinity; 1: this process serves)",
+        "this one (0: one per CPU of the cgroup's CPU quota, else of the CPU affinity; 1: this process serves; "
+        "always 1 with --rate-limit, whose token buckets are per process)",
         "--workers",
     )
     upstream: str = setting(

@@ -154,10 +154,15 @@ capabilities:
 {{- end }}
 {{- end -}}
 
-{{/* The gateway's worker processes: gateway.workers, else its CPU limit rounded up ("1500m" or 1.5: 2), else 1. */}}
+{{/* The gateway's worker processes: gateway.workers, else its CPU limit rounded up ("1500m" or 1.5: 2), else 1;
+always 1 with rate limits on (their token buckets are per process), where a larger gateway.workers fails. */}}
 {{- define "inferencehub.gatewayWorkers" -}}
 {{- $limit := dig "limits" "cpu" "" (.Values.gateway.resources | default dict) | toString -}}
-{{- if .Values.gateway.workers -}}{{ .Values.gateway.workers | int }}
+{{- $limited := gt (float64 .Values.auth.rateLimit.requestsPerSecond) 0.0 -}}
+{{- if and $limited (gt (int (default 0 .Values.gateway.workers)) 1) -}}
+{{- fail (printf "gateway.workers is %d but auth.rateLimit is on: rate limits need one gateway process per pod (set gateway.workers to 0 or 1)" (int .Values.gateway.workers)) -}}
+{{- else if $limited -}}1
+{{- else if .Values.gateway.workers -}}{{ .Values.gateway.workers | int }}
 {{- else if not $limit -}}1
 {{- else if hasSuffix "m" $limit -}}{{ max 1 (div (add (trimSuffix "m" $limit | int) 999) 1000) }}
 {{- else -}}{{ max 1 (ceil (float64 $limit)) | int }}

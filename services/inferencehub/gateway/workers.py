@@ -72,6 +72,13 @@ def cpu_count() -> int:
 def worker_count(settings: GatewaySettings) -> int:
     if settings.gateway_workers < 0:
         raise WorkerError(f"--workers must be 0 (one per CPU) or more, got {settings.gateway_workers}")
+    if settings.rate_limit and settings.gateway_workers > 1:
+        raise WorkerError(
+            f"--rate-limit needs one gateway process (its token buckets live in memory), not --workers "
+            f"{settings.gateway_workers}: set --workers 1 (or 0), and run more gateway pods for more capacity"
+        )
+    if settings.rate_limit:
+        return 1  # N workers would each allow the whole rate
     return settings.gateway_workers or cpu_count()
 
 

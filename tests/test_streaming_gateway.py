@@ -25,6 +25,7 @@ from inferencehub.gateway import sse
 from conftest import Gateway, Replica, mock_llm_repository, rss_bytes, sample_value, scrape, wait_for
 
 TOKEN_MS = 10.0
+SCRAPE_TOLERANCE = 0.15  # seconds: polling the replica's /metrics every 10 ms on a shared machine
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +129,11 @@ def test_a_client_that_hangs_up_stops_the_replica_within_100_ms(front, llm):
     settled = replica_count(llm, "inferencehub_inference_stream_tokens_total")
     time.sleep(0.3)  # 30 token intervals: a replica still generating would have counted more
     assert replica_count(llm, "inferencehub_inference_stream_tokens_total") == settled
-    # Tokens after the hang-up: those generated within the 100 ms (plus one scrape's tolerance), no more.
-    assert settled - tokens_before <= (0.1 + noticed) * 1000 / TOKEN_MS + 2
-    assert noticed < 1.0  # observed by scraping: the cancel itself is immediate; scraping adds the rest
+    # Tokens after the hang-up: at most those of the 100 ms (one in flight, one during the scrape before), no more.
+    assert settled - tokens_before <= 100 / TOKEN_MS + 2
+    # Observed by polling the replica's metrics: 100 ms plus the polling's tolerance on a busy machine (measured
+    # here: 4 to 41 ms from the hang-up to the replica counting the stream cancelled).
+    assert noticed < 0.1 + SCRAPE_TOLERANCE, f"the replica counted the stream cancelled {noticed * 1000:.0f} ms late"
     wait_for(lambda: sample_value(scrape_gateway(front), "inferencehub_gateway_open_streams", model="mock-llm") == 0)
 
 

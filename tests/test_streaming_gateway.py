@@ -47,12 +47,21 @@ def front(llm) -> Iterator[Gateway]:
         server.stop()
 
 
-def curl_stream(gateway: Gateway, path: str, body: dict, *headers: str, timeout: float = 30) -> list:
-    command = ["curl", "-sSN", "--max-time", str(timeout), f"http://{gateway.url}{path}", "-d", json.dumps(body)]
+def curl_stream(
+    gateway: Gateway, path: str, body: dict, *headers: str, timeout: float = 30, answer: dict | None = None
+) -> list:
+    """The events of a stream as ``curl -N`` receives them; ``answer`` (if given) gets the answer's headers."""
+    command = ["curl", "-sSN", "-D", "-", "--max-time", str(timeout), f"http://{gateway.url}{path}"]
+    command += ["-d", json.dumps(body)]
     for header in headers:
         command += ["-H", header]
     done = subprocess.run(command, capture_output=True, timeout=timeout + 5, check=True)
-    return sse.parse(done.stdout)
+    head, _, events = done.stdout.partition(b"\r\n\r\n")
+    if answer is not None:
+        for line in head.decode().split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            answer[name.strip().lower()] = value.strip()
+    return sse.parse(events)
 
 
 def open_stream(port: int, path: str, body: dict, rcvbuf: int | None = None) -> socket.socket:
@@ -76,7 +85,11 @@ def replica_count(replica: Replica, name: str) -> float:
 
 def test_generate_stream_with_curl_matches_generate(front):
     body = {"text_input": "the quick brown fox", "max_tokens": 6}
-    events = curl_stream(front, "/v2/models/mock-llm/generate_stream", body)
+    answer: dict[str, str] = {}
+    events = curl_stream(front, "/v2/models/mock-llm/generate_stream", body, answer=answer)
+    assert answer["content-type"].startswith("text/event-stream")
+    assert answer["cache-control"] == "no-cache" and answer["x-accel-buffering"] == "no"
+    assert len(answer["x-request-id"]) == 32
     assert len(events) == 6 and all(e["model_name"] == "mock-llm" for e in events)
     tokens = [e["text_output"] for e in events]
     assert all(t.startswith(" ") for t in tokens[1:]) and not tokens[0].startswith(" ")  # the contract's words

@@ -51,6 +51,14 @@ def test_server_live_ready_and_metadata(client):
     assert client.is_model_ready("iris", "1")
 
 
+def test_model_config_says_a_model_is_decoupled_and_which_inputs_are_optional(client):
+    """Triton's clients (perf_analyzer, the gateway) learn from the config that a model streams."""
+    config = client.get_model_config("mock-llm").config
+    assert config.model_transaction_policy.decoupled
+    assert [(i.name, i.optional) for i in config.input] == [("text_input", False), ("max_tokens", True), ("stop", True)]
+    assert not client.get_model_config("iris").config.model_transaction_policy.decoupled
+
+
 def test_model_metadata(client):
     metadata = client.get_model_metadata("iris", as_json=True)
     assert metadata["name"] == "iris"

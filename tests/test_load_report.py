@@ -129,3 +129,42 @@ def test_the_report_measures_the_load(replica):
         return report.application_utilization == 0 and report.rps_fractional == 0
 
     wait_for(idle, timeout=10, interval=0.2, what="the report to show no load")
+
+
+def test_an_open_stream_counts_as_a_busy_slot_in_the_report(tmp_path):
+    """A generation holds its model's one slot while it streams: the report shows the replica full."""
+    config = {
+        "name": "one-slot-llm",
+        "runtime": "mock",
+        "decoupled": True,
+        "inputs": [
+            {"name": "text_input", "datatype": "BYTES", "shape": [1]},
+            {"name": "max_tokens", "datatype": "INT32", "shape": [1], "optional": True},
+            {"name": "stop", "datatype": "BYTES", "shape": [-1], "optional": True},
+        ],
+        "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1]}],
+        "parameters": {
+            "first_token_latency": {"distribution": "fixed", "ms": 10},
+            "token_latency": {"distribution": "fixed", "ms": 10},
+        },
+        "scheduling": {"max_concurrency": 1},
+    }
+    (tmp_path / "one-slot-llm").mkdir()
+    (tmp_path / "one-slot-llm" / "config.json").write_text(json.dumps(config))
+    server = Replica("--models", str(tmp_path)).wait_serving()
+    try:
+        message = pb.ModelInferRequest(model_name="one-slot-llm")
+        message.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"go")
+        message.inputs.add(name="max_tokens", datatype="INT32", shape=[1]).contents.int_contents.append(400)
+        with grpc.insecure_channel(server.target) as channel:
+            responses = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([message]), timeout=30)
+            next(responses)
+            started = time.monotonic()
+            time.sleep(2.5)  # the report covers the last 2 s: all of them with the stream open (4 s of tokens)
+            report = report_in(trailers(server.target, "ServerLive", {}))
+            assert time.monotonic() - started < 3.5, "the stream must still be open when the report is read"
+            assert sum(1 for _ in responses) == 399
+        assert 0.8 <= report.application_utilization <= 1.05, report
+        assert 0.8 <= report.named_metrics["in_flight_utilization"] <= 1.05, report
+    finally:
+        server.stop()

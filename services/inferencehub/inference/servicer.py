@@ -51,11 +51,16 @@ def model_config(config: ModelConfig) -> pb.ModelConfig:
         platform=config.platform,
         backend=config.runtime,
         max_batch_size=batching.max_batch_size if batching else 0,
-        input=[pb.ModelInput(name=s.name, data_type=data_type(s.datatype), dims=s.shape[skip:]) for s in config.inputs],
+        input=[
+            pb.ModelInput(name=s.name, data_type=data_type(s.datatype), dims=s.shape[skip:], optional=s.optional)
+            for s in config.inputs
+        ],
         output=[
             pb.ModelOutput(name=s.name, data_type=data_type(s.datatype), dims=s.shape[skip:]) for s in config.outputs
         ],
     )
+    if config.decoupled:
+        message.model_transaction_policy.decoupled = True
     if batching:
         message.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
         message.dynamic_batching.max_queue_delay_microseconds = int(batching.max_queue_delay_ms * 1000)

@@ -53,10 +53,17 @@ def tools_missing() -> str | None:
     """Why the peer rows cannot run here, or None."""
     if not MLSERVER.exists():
         return "MLServer is not installed: run `make tools` (scripts/install_tools.py)"
-    if not (TRITON_SERVER / "bin" / "tritonserver").exists():
-        return "Triton is not installed: run `make bench` (scripts/install_tools.py --bench installs it)"
+    if missing := triton_missing():
+        return missing
     if shutil.which("wrk") is None:
         return "wrk is not installed: run `make tools` (it installs Debian's wrk) or `apt-get install wrk`"
+    return None
+
+
+def triton_missing() -> str | None:
+    """Why Triton cannot run here, or None."""
+    if not (TRITON_SERVER / "bin" / "tritonserver").exists():
+        return "Triton is not installed: run `make bench` (scripts/install_tools.py --bench installs it)"
     return None
 
 
@@ -140,10 +147,16 @@ def triton(folder: Path) -> tuple[TreeProcess, str, str]:
     (model / "1").mkdir(parents=True)
     shutil.copy2(HERE / "triton_iris.py", model / "1" / "model.py")
     (model / "config.pbtxt").write_text(TRITON_CONFIG.format(weights=SHIPPED / "iris" / "weights.npz"))
+    return triton_serving(folder / "triton", "iris")
+
+
+def triton_serving(repository: Path, model: str) -> tuple[TreeProcess, str, str]:
+    """Triton 2.51 on free loopback ports serving the model repository ``repository``, once ``model`` is ready;
+    returns it, its HTTP URL and its gRPC target."""
     http, grpc, metrics = _free_ports(3)
     command = [
         str(TRITON_SERVER / "bin" / "tritonserver"),
-        f"--model-repository={folder / 'triton'}",
+        f"--model-repository={repository}",
         f"--backend-directory={TRITON / 'backends'}",
         f"--cache-directory={TRITON_SERVER / 'caches'}",
         "--http-address=127.0.0.1",
@@ -158,7 +171,7 @@ def triton(folder: Path) -> tuple[TreeProcess, str, str]:
     process = TreeProcess("triton", command, env=env)
     url = f"http://127.0.0.1:{http}"
     try:
-        process.wait_ready(f"{url}/v2/models/iris/ready")
+        process.wait_ready(f"{url}/v2/models/{model}/ready")
     except RuntimeError:
         process.stop()
         raise

@@ -31,6 +31,7 @@ BENCHMARKS = [
     "balancing",
     "async_jobs",
     "model_churn",
+    "streaming",
 ]
 
 

@@ -41,3 +41,27 @@ def test_committed_results_are_complete_and_linked():
         assert "Machine: " in report and "quick mode" not in report, name
         assert (results / f"{name}.png").exists()
         assert f"results/{name}.md" in readme
+
+
+@pytest.mark.timeout(200)
+def test_the_streaming_benchmark_prints_its_table(tmp_path):
+    """The streaming benchmark alone, quick: it prints a row per path and concurrency with no failed stream, every
+    path streamed the same text, and the report names the load average."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peers
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--only", "streaming", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    paths = ["InferenceHub gateway, SSE", "InferenceHub replica, direct gRPC"]
+    if peers.triton_missing() is None:
+        paths += ["Triton, SSE", "Triton, gRPC"]
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [(row[0].strip("| "), row[1]) for row in rows[1:]] == [(p, c) for p in paths for c in ("1", "4")]
+    assert all(int(row[2]) > 0 and row[-1].strip(" |") == "0" for row in rows[1:])  # streams read, none failed
+    report = (tmp_path / "streaming.md").read_text()
+    assert "Every path streamed the same text" in report and "load average" in report

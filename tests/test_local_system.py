@@ -181,7 +181,8 @@ def test_infer_errors_are_clear(system):
     _, gateway = system
     url = f"http://{gateway.url}"
     wrong = cli("infer", "iris", "--data", "[[1, 2, 3]]", "--url", url)
-    assert wrong.returncode == 1 and "400" in wrong.stderr and "features" in wrong.stderr
+    # Checked before sending, against the model's metadata, in the replica's words: a usage error (exit 2).
+    assert wrong.returncode == 2 and "input 'features': shape [1, 3], expected [-1, 4]" in wrong.stderr, wrong.stderr
     missing = cli("infer", "nope", "--data", "[1]", "--url", url)
     assert missing.returncode == 2 and "404" in missing.stderr
     not_json = cli("infer", "iris", "--data", "[[1, 2", "--url", url)

@@ -166,6 +166,12 @@ capabilities:
 {{- if kindIs "invalid" $grace -}}{{ .Values.gateway.maxDeadlineSeconds }}{{- else -}}{{ $grace }}{{- end -}}
 {{- end -}}
 
+{{/* A proxy's timeout in front of the gateway, whole seconds: the longest deadline plus the margin, so the
+gateway ends an over-long call or stream (with a final event), never the proxy (a cut connection). */}}
+{{- define "inferencehub.proxyTimeoutSeconds" -}}
+{{- add (int (ceil .Values.gateway.maxDeadlineSeconds)) .Values.gateway.proxyTimeoutMarginSeconds -}}
+{{- end -}}
+
 {{/*
 Invariants the schema cannot express, checked at render time (helm install/upgrade/template fail with the message).
 */}}
@@ -176,6 +182,14 @@ Invariants the schema cannot express, checked at render time (helm install/upgra
 {{- $ageGrace := include "inferencehub.connectionAgeGrace" . }}
 {{- if gt (float64 .Values.gateway.maxDeadlineSeconds) (float64 $ageGrace) }}
 {{- fail (printf "inference.maxConnectionAgeGraceSeconds (%v s) is shorter than gateway.maxDeadlineSeconds (%v s): calls inside their deadline would be cut when their connection ages out; leave it empty (= the longest deadline) or raise it" $ageGrace .Values.gateway.maxDeadlineSeconds) }}
+{{- end }}
+{{- if .Values.gateway.ingress.enabled }}
+{{- range $key := list "proxy-read-timeout" "proxy-send-timeout" }}
+{{- $set := toString (index ($.Values.gateway.ingress.annotations | default dict) (printf "nginx.ingress.kubernetes.io/%s" $key) | default "") }}
+{{- if and (regexMatch "^[0-9]+$" $set) (lt (float64 $set) (float64 $.Values.gateway.maxDeadlineSeconds)) }}
+{{- fail (printf "gateway.ingress.annotations nginx.ingress.kubernetes.io/%s (%s s) is shorter than gateway.maxDeadlineSeconds (%v s): the proxy would cut streams and calls inside their deadline; remove it (the chart derives it) or raise it" $key $set $.Values.gateway.maxDeadlineSeconds) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- range $component := list "gateway" "inference" }}
 {{- $v := index $.Values $component }}

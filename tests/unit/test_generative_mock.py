@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from inferencehub.errors import ConfigError, InvalidInput
+from inferencehub.errors import ConfigError, InvalidInput, ModelError
 from inferencehub.inference.repository import SHIPPED_MODELS, load_config, parse_config
 from inferencehub.inference.runtimes import build
 from inferencehub.inference.runtimes.mock_llm import MAX_TOKENS, VOCABULARY, StopMatcher, read_request, tokens
@@ -199,3 +199,17 @@ def test_python_decoupled_models_default_to_the_replica_and_refuse_what_cannot_s
         load_config(write_python_model(tmp_path / "d", NO_GENERATOR, decoupled=True))
     with pytest.raises(ConfigError, match=r"is decoupled but .* has no generate"):
         load_config(write_python_model(tmp_path / "e", "from inferencehub.model import Model as Gen\n", decoupled=True))
+
+
+def test_error_rate_fails_a_generation_after_its_first_token(tmp_path):
+    model = build(parse_config({**LLM, "parameters": {**FAST, "error_rate": 1.0}}, tmp_path / "config.json"))
+
+    got: list[str] = []
+
+    async def collect() -> None:
+        async for response in model.generate(arrays("drill", max_tokens=5)):  # type: ignore[union-attr]
+            got.append(response.outputs["text_output"][0].decode())
+
+    with pytest.raises(ModelError, match=r"mock model 'mock-llm': injected failure"):
+        asyncio.run(collect())
+    assert got == first("drill", 1)  # the stream had started: the error arrives mid-stream

@@ -90,7 +90,7 @@ class Signature:
         return spec
 
     def check_complete(self, names: Sequence[str]) -> None:
-        """Each input given once, and none missing (but the optional ones)."""
+        """Each input given once, and none missing (but those the config marks optional)."""
         if len(set(names)) != len(names):
             duplicate = next(n for n in names if names.count(n) > 1)
             raise InvalidInput(f"input '{duplicate}' is given more than once")

@@ -78,7 +78,10 @@ def test_completion_whole_and_streamed_give_the_same_text_and_usage(llm_gateway)
         assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == 7
         assert chunks[-1].usage.prompt_tokens == 5 and len({c.id for c in chunks}) == 1
 
-        plain = list(sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, stream=True))
+        raw = sdk.completions.with_raw_response.create(model=MODEL, prompt=PROMPT, max_tokens=3, stream=True)
+        assert raw.headers["content-type"].startswith("text/event-stream") and raw.headers["x-request-id"]
+        assert raw.headers["cache-control"] == "no-cache" and raw.headers["x-accel-buffering"] == "no"
+        plain = list(raw.parse())
         assert all(c.choices for c in plain) and "".join(c.choices[0].text for c in plain) == " ".join(
             choice.text.split()[:3]
         )

@@ -25,6 +25,7 @@ from inferencehub.gateway import sse
 from conftest import Gateway, Replica, mock_llm_repository, rss_bytes, sample_value, scrape, wait_for
 
 TOKEN_MS = 10.0
+SCRAPE_TOLERANCE = 0.15  # seconds: polling the replica's /metrics every 10 ms on a shared machine
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +47,21 @@ def front(llm) -> Iterator[Gateway]:
         server.stop()
 
 
-def curl_stream(gateway: Gateway, path: str, body: dict, *headers: str, timeout: float = 30) -> list:
-    command = ["curl", "-sSN", "--max-time", str(timeout), f"http://{gateway.url}{path}", "-d", json.dumps(body)]
+def curl_stream(
+    gateway: Gateway, path: str, body: dict, *headers: str, timeout: float = 30, answer: dict | None = None
+) -> list:
+    """The events of a stream as ``curl -N`` receives them; ``answer`` (if given) gets the answer's headers."""
+    command = ["curl", "-sSN", "-D", "-", "--max-time", str(timeout), f"http://{gateway.url}{path}"]
+    command += ["-d", json.dumps(body)]
     for header in headers:
         command += ["-H", header]
     done = subprocess.run(command, capture_output=True, timeout=timeout + 5, check=True)
-    return sse.parse(done.stdout)
+    head, _, events = done.stdout.partition(b"\r\n\r\n")
+    if answer is not None:
+        for line in head.decode().split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            answer[name.strip().lower()] = value.strip()
+    return sse.parse(events)
 
 
 def open_stream(port: int, path: str, body: dict, rcvbuf: int | None = None) -> socket.socket:
@@ -75,7 +85,11 @@ def replica_count(replica: Replica, name: str) -> float:
 
 def test_generate_stream_with_curl_matches_generate(front):
     body = {"text_input": "the quick brown fox", "max_tokens": 6}
-    events = curl_stream(front, "/v2/models/mock-llm/generate_stream", body)
+    answer: dict[str, str] = {}
+    events = curl_stream(front, "/v2/models/mock-llm/generate_stream", body, answer=answer)
+    assert answer["content-type"].startswith("text/event-stream")
+    assert answer["cache-control"] == "no-cache" and answer["x-accel-buffering"] == "no"
+    assert len(answer["x-request-id"]) == 32
     assert len(events) == 6 and all(e["model_name"] == "mock-llm" for e in events)
     tokens = [e["text_output"] for e in events]
     assert all(t.startswith(" ") for t in tokens[1:]) and not tokens[0].startswith(" ")  # the contract's words
@@ -128,9 +142,11 @@ def test_a_client_that_hangs_up_stops_the_replica_within_100_ms(front, llm):
     settled = replica_count(llm, "inferencehub_inference_stream_tokens_total")
     time.sleep(0.3)  # 30 token intervals: a replica still generating would have counted more
     assert replica_count(llm, "inferencehub_inference_stream_tokens_total") == settled
-    # Tokens after the hang-up: those generated within the 100 ms (plus one scrape's tolerance), no more.
-    assert settled - tokens_before <= (0.1 + noticed) * 1000 / TOKEN_MS + 2
-    assert noticed < 1.0  # observed by scraping: the cancel itself is immediate; scraping adds the rest
+    # Tokens after the hang-up: at most those of the 100 ms (one in flight, one during the scrape before), no more.
+    assert settled - tokens_before <= 100 / TOKEN_MS + 2
+    # Observed by polling the replica's metrics: 100 ms plus the polling's tolerance on a busy machine (measured
+    # here: 4 to 41 ms from the hang-up to the replica counting the stream cancelled).
+    assert noticed < 0.1 + SCRAPE_TOLERANCE, f"the replica counted the stream cancelled {noticed * 1000:.0f} ms late"
     wait_for(lambda: sample_value(scrape_gateway(front), "inferencehub_gateway_open_streams", model="mock-llm") == 0)
 
 

@@ -41,7 +41,7 @@ from inferencehub.gateway.http_errors import upstream_error
 from inferencehub.gateway.keys import METRICS, STATE, TRACING, UPSTREAM
 from inferencehub.gateway.status import percentiles_ms
 from inferencehub.gateway.upstream import UpstreamError
-from inferencehub.metadata import REPLICA_KEY, REQUEST_ID_KEY
+from inferencehub.metadata import REPLICA_KEY, REQUEST_ID_HEADER, REQUEST_ID_KEY
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.tracing import REPLICA_ATTRIBUTE
 
@@ -426,7 +426,7 @@ async def relay(
     the first one (a final event, never a cut connection), then ``done``. A failure before the first response
     raises ``UpstreamError``, so the client gets an HTTP error status instead of an event stream."""
     piece = await stream.next()
-    headers = dict(sse.HEADERS)
+    headers = {**sse.HEADERS, REQUEST_ID_HEADER: logs.request_id.get()}  # sent now: observe() would be too late
     if stream.replica:
         headers[REPLICA_KEY] = stream.replica
     response = web.StreamResponse(headers=headers)

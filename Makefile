@@ -27,7 +27,7 @@ run: $(MODELS)
 
 test: lint tools docs
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider
-	$(PY) -m pytest
+	$(PY) -m pytest tests/system
 
 # The docs site (mkdocs.yml), strict: a broken link or anchor fails it. build/ is not committed.
 .PHONY: docs

@@ -1,4 +1,4 @@
-"""Mutual TLS between the gateway and the replicas, with real certificates made here (tests/pki.py): the replica
+"""Mutual TLS between the gateway and the replicas, with real certificates made here (tests/system/pki.py): the replica
 refuses plaintext and foreign clients, serves only the gateway's identity (--tls-client-names) when the CA signs
 for others too, serves probes on its plaintext health-only port, picks up new certificates without a restart; the
 gateway checks the replicas' names, serves every route over TLS, and keeps its load balancing and failure
@@ -494,7 +494,7 @@ def test_load_balancing_and_failure_drills_over_tls(pki, tmp_path, dns):
 
 
 def test_the_readme_grpcurl_commands_work_as_written(pki, tls_replica, tmp_path):
-    page = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
     section = page.split("grpcurl against a TLS replica", 1)[1]
     block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
     commands = [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]

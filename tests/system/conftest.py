@@ -1,4 +1,10 @@
-"""Shared test helpers: real inference replicas and gateways as subprocesses on loopback, port 0.
+"""The system tier's harness: real inference replicas, gateways and NATS servers as subprocesses on loopback, port 0.
+
+tests/system holds every test that starts a process, opens a socket or imports tritonclient (``pytest`` alone
+runs this folder; ``make test`` runs it after tests/unit, in a process of its own), with the data they use:
+``models/`` (test model repositories), ``clients/``, ``api/`` (schemathesis settings) and ``pki.py`` (certificates
+made per test). In-process tests of the transport-free code go in tests/unit; tests/containers (the images, root,
+``make test-containers``) loads this harness too.
 
 Test processes never import ``inferencehub.protocol``: tritonclient registers the same
 ``inference.*`` protobuf symbols, and one process cannot hold both. The servers run
@@ -33,9 +39,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inferencehub.processes import Child, ChildError, NatsChild, gateway_command, inference_command
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "services" / "inferencehub" / "model_repository"
-TEST_MODELS = ROOT / "tests" / "models"
+TEST_MODELS = ROOT / "tests" / "system" / "models"
 EXAMPLE_MODELS = ROOT / "examples" / "models"
 
 
@@ -464,7 +470,7 @@ def sample_value(text: str, name: str, **labels: str) -> float:
 # --- an emulated headless Service, and load through the gateway ----------------------------------------------
 
 HEADLESS_NAME = "inference.test."  # the replicas' name in the tests' DNS server
-FAST_BODY = {"inputs": [{"name": "input", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}]}  # tests/models/fast
+FAST_BODY = {"inputs": [{"name": "input", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}]}  # models/fast
 
 
 class DnsRecords(BaseResolver):

@@ -16,6 +16,7 @@ import numpy as np
 
 from inferencehub.errors import InferenceHubError, InvalidInput
 from inferencehub.metadata import HEADER_LENGTH, REPLICA_KEY
+from inferencehub.oip.signature import Signature
 from inferencehub.tensors import DATATYPES, datatype_of, from_raw, to_raw
 
 if TYPE_CHECKING:
@@ -33,25 +34,21 @@ class Outcome:
 
 
 def to_inputs(metadata: dict, data: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Arrays for the model's inputs, in its datatypes, from JSON-like values or arrays."""
-    specs = {t["name"]: t for t in metadata["inputs"]}
-    unknown = sorted(set(data) - set(specs))
-    if unknown:
-        raise InvalidInput(f"model '{metadata['name']}' has no input '{unknown[0]}' (its inputs: {', '.join(specs)})")
-    missing = sorted(set(specs) - set(data))
-    if missing:
-        raise InvalidInput(
-            f"missing input '{missing[0]}' ({specs[missing[0]]['datatype']} {specs[missing[0]]['shape']})"
-        )
+    """Arrays for the model's inputs, in its datatypes, from JSON-like values or arrays; checked against the
+    model's specs as the replica would check them."""
+    signature = Signature.of_json(metadata)
     arrays = {}
     for name, value in data.items():
-        dt = DATATYPES[specs[name]["datatype"]]
+        spec = signature.input_named(name)
+        dt = DATATYPES[spec.datatype]
         if dt.name == "BYTES":
             array = np.array(value, dtype=object)
             array = np.vectorize(lambda v: v.encode() if isinstance(v, str) else v, otypes=[object])(array)
         else:
             array = np.asarray(value, dtype=dt.dtype)
+        signature.input(name, spec.datatype, array.shape)
         arrays[name] = array
+    signature.check_complete(list(arrays))
     return arrays
 
 

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from inferencehub.oip.plan import OutputPlan
+
 if TYPE_CHECKING:  # nats is imported when a queue is configured, not with this module
     from nats.aio.client import Client as NATS
 
@@ -129,6 +131,11 @@ class JobRecord:
         (length,) = struct.unpack(">I", data[4:8])
         doc = json.loads(data[8 : 8 + length])
         return cls(**doc, result=bytes(data[8 + length :]))
+
+    @property
+    def plan(self) -> OutputPlan:
+        """Which outputs of the result go back as binary data."""
+        return OutputPlan(self.binary_default, self.binary)
 
     def evolve(self, **changes) -> JobRecord:
         return replace(self, **changes)
@@ -283,45 +290,3 @@ async def layout_missing(js) -> bool:
 
 def now() -> float:
     return time.time()
-
-
-PLAN_HEADER = "Inferencehub-Output-Plan"
-
-
-def plan_header(binary_default: bool, binary: dict[str, bool]) -> str:
-    return json.dumps({"binary_default": binary_default, "binary": binary}, separators=(",", ":"))
-
-
-def check_request(request, metadata, max_batch_size: int = 0) -> None:
-    """Check a ModelInferRequest against the model's metadata (and batch limit), with the replica's messages: what
-    a synchronous call would answer 400 for is refused before the job is queued."""
-    from inferencehub.errors import InvalidInput
-
-    name = metadata.name
-    specs = {t.name: t for t in metadata.inputs}
-    names = []
-    for tensor in request.inputs:
-        spec = specs.get(tensor.name)
-        if spec is None:
-            raise InvalidInput(f"model '{name}' has no input '{tensor.name}' (its inputs: {', '.join(specs)})")
-        if tensor.datatype != spec.datatype:
-            raise InvalidInput(f"input '{tensor.name}': datatype {tensor.datatype}, expected {spec.datatype}")
-        shape, expected = list(tensor.shape), list(spec.shape)
-        if len(shape) != len(expected) or any(s != d and d != -1 for s, d in zip(shape, expected, strict=True)):
-            raise InvalidInput(f"input '{tensor.name}': shape {shape}, expected {expected} (-1: any size)")
-        names.append(tensor.name)
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise InvalidInput(f"input '{dup}' is given more than once")
-    for spec in metadata.inputs:
-        if spec.name not in names:
-            raise InvalidInput(f"model '{name}': missing input '{spec.name}' ({spec.datatype} {list(spec.shape)})")
-    outputs = [t.name for t in metadata.outputs]
-    for requested in request.outputs:
-        if requested.name not in outputs:
-            raise InvalidInput(f"model '{name}' has no output '{requested.name}' (its outputs: {', '.join(outputs)})")
-    rows = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 0
-    if max_batch_size and rows > max_batch_size:
-        raise InvalidInput(
-            f"model '{name}': a request of {rows} rows is over its max_batch_size ({max_batch_size}); split it"
-        )

@@ -11,7 +11,7 @@ import numpy as np
 from inferencehub.client import _decode_http, _error_text
 from inferencehub.errors import InferenceHubError
 from inferencehub.jobqueue import FINAL
-from inferencehub.metadata import HEADER_LENGTH
+from inferencehub.metadata import HEADER_LENGTH, PREFER_HEADER, PREFERENCE_APPLIED_HEADER
 
 
 def split_job(payload: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -39,9 +39,9 @@ async def submit_and_poll(transport, model: str, arrays: dict[str, np.ndarray], 
     """Submit with ``Prefer: respond-async``, show progress while polling, print the result."""
     url, body, headers = transport.prepare(model, arrays)
     status, payload, answer = await _request(
-        transport.session, "POST", url, data=body, headers={**headers, "Prefer": "respond-async"}
+        transport.session, "POST", url, data=body, headers={**headers, PREFER_HEADER: "respond-async"}
     )
-    if status == 200 and "Preference-Applied" not in answer:
+    if status == 200 and PREFERENCE_APPLIED_HEADER not in answer:
         raise InferenceHubError(f"{transport.url} has no job queue (start the gateway with --nats URL)")
     if status != 202:
         print(f"inferencehub infer: {status}: {_error_text(payload)}", file=sys.stderr)

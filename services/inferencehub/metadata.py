@@ -12,3 +12,6 @@ LOAD_REPORT_KEY = "endpoint-load-metrics-bin"
 REQUEST_ID_HEADER = "X-Request-Id"  # the caller's request id, or a new one; sent back, and to the replica
 DEADLINE_HEADER = "X-InferenceHub-Deadline-Ms"  # the deadline a client asks for its call
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor data extension: the JSON part's bytes
+IDEMPOTENCY_HEADER = "Idempotency-Key"  # an async job's key: the same key names the same job
+PREFER_HEADER = "Prefer"  # RFC 7240: respond-async (and wait=N) makes an infer request a job
+PREFERENCE_APPLIED_HEADER = "Preference-Applied"  # the gateway queued the request as a job

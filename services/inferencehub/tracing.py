@@ -13,8 +13,8 @@ On, context travels as W3C ``traceparent`` (HTTP header in, gRPC metadata gatewa
 Spans: gateway ``<METHOD> <route>`` (server) > ``parse`` and ``upstream <Method>`` (client, with
 ``inferencehub.replica``); replica ``ModelInfer`` (server, with ``inferencehub.replica``) >
 ``queue``, ``batch`` (forming the batch, with ``inferencehub.batch_size``) and ``execute`` (the
-model call). Async jobs (issue #12): put ``inject()``'s pairs in the job message at submit, and start the
-execution span with ``links=tracing.link(pairs)``.
+model call; ``inference/spans.py`` records them from the call's Timing). Async jobs: ``inject()``'s pairs
+travel in the job message, and the replica starts the job's span with ``links=tracing.link(pairs)``.
 """
 
 from __future__ import annotations
@@ -22,16 +22,12 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from inferencehub import logs
 from inferencehub.errors import InferenceHubError
 
-if TYPE_CHECKING:
-    from inferencehub.inference.statistics import Timing
-
 REPLICA_ATTRIBUTE = "inferencehub.replica"
-BATCH_SIZE_ATTRIBUTE = "inferencehub.batch_size"
 NULL = contextlib.nullcontext()  # reusable: `with NULL if tracing is None else tracing.span(...)`
 
 
@@ -102,25 +98,6 @@ class Tracing:
     @staticmethod
     def trace_id(span) -> str:
         return format(span.get_span_context().trace_id, "032x")
-
-    # --- the replica's spans, from a request's Timing --------------------------------------
-
-    def replica_spans(self, parent, timing: Timing) -> None:
-        """queue, batch and execute under ``parent`` (the replica's ModelInfer span), as they happened."""
-        from opentelemetry.trace import set_span_in_context
-
-        if not timing.taken:
-            return
-        context = set_span_in_context(parent)
-        at = self.offset
-        self.tracer.start_span("queue", context, start_time=at + timing.enqueued).end(at + timing.taken)
-        if not timing.started:
-            return
-        batch = {BATCH_SIZE_ATTRIBUTE: timing.batch_size}
-        formed = self.tracer.start_span("batch", context, attributes=batch, start_time=at + timing.taken)
-        formed.end(at + timing.started)
-        run = self.tracer.start_span("execute", context, attributes=batch, start_time=at + timing.started)
-        run.end(at + timing.finished)
 
     def shutdown(self) -> None:
         self.provider.shutdown()  # exports what is still buffered

@@ -94,3 +94,18 @@ def test_a_cycle_is_found():
 
 def test_no_import_cycle_under_the_package():
     assert cycles(import_graph()) == []
+
+
+def test_the_oip_core_stands_on_no_service_and_no_transport():
+    """inferencehub.oip is under the gateway, the replica, the jobs and the client: it imports none of them, nor
+    a transport (grpc's channels and servers, aiohttp, nats)."""
+    graph = import_graph()
+    core = [name for name in graph if name.startswith("inferencehub.oip")]
+    assert {"inferencehub.oip.signature", "inferencehub.oip.codec", "inferencehub.oip.coalescing"} <= set(core)
+    services = ("inferencehub.gateway", "inferencehub.inference", "inferencehub.client", "inferencehub.jobqueue")
+    for name in core:
+        assert not [t for t in graph[name] if t.startswith(services)], name
+        tree = ast.parse(_modules()[name].read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {m.split(".")[0] for m in imported} & {"grpc", "aiohttp", "nats"}, name

@@ -24,9 +24,9 @@ from inferencehub.jobqueue import (
     model_of_subject,
     model_token,
     new_job_id,
-    plan_header,
     subject,
 )
+from inferencehub.oip.plan import OutputPlan
 
 TOKEN = re.compile(r"^[A-Za-z0-9_=-]+$")  # one NATS subject token: no '.', '*', '>' or whitespace
 
@@ -73,10 +73,23 @@ def test_final_states():
     assert SUCCEEDED in FINAL and QUEUED not in FINAL and RUNNING not in FINAL
 
 
-def test_the_plan_header_is_compact_json():
-    header = plan_header(True, {"y": False})
+def test_the_plan_header_is_compact_json_and_reads_back():
+    plan = OutputPlan(True, {"y": False})
+    header = plan.header()
     assert header == '{"binary_default":true,"binary":{"y":false}}'
     assert json.loads(header) == {"binary_default": True, "binary": {"y": False}}
+    assert OutputPlan.from_header(header) == plan
+    assert OutputPlan.from_header(header).is_binary("z") and not plan.is_binary("y")
+
+
+@pytest.mark.parametrize("header", ["", "not json", "[1]", '{"binary": 3}', "null"])
+def test_an_unreadable_plan_header_is_the_default_plan(header):
+    assert OutputPlan.from_header(header) == OutputPlan(False, {})
+
+
+def test_a_record_carries_its_plan():
+    record = JobRecord("a" * 32, "m", "", QUEUED, 1.0, binary_default=True, binary={"y": False})
+    assert record.plan == OutputPlan(True, {"y": False})
 
 
 records = st.builds(

@@ -1,22 +1,29 @@
-"""Cross-hop coalescing's pure parts (``gateway/coalescer.py``): which requests may travel together, how they are
+"""Cross-hop coalescing's pure parts (``oip/coalescing.py``): which requests may travel together, how they are
 merged into one ``ModelInferRequest``, and how the one response is split back by rows."""
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from inferencehub.gateway.coalescer import Member, _bytes_cuts, coalescing_key, merge, split
+from inferencehub.oip.coalescing import _bytes_cuts, coalescing_key, merge, split
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.tensors import DATATYPES, serialize_bytes, to_raw
 
 
-def member(message: pb.ModelInferRequest, rows: int, request_id: str = "") -> Member:
-    return Member(message, rows, request_id, deadline=0.0, future=None)
+@dataclass
+class Part:
+    message: pb.ModelInferRequest
+    rows: int
+
+
+def member(message: pb.ModelInferRequest, rows: int, request_id: str = "") -> Part:
+    return Part(message, rows)
 
 
 def floats(rows: int, width: int = 2, start: float = 0.0) -> bytes:

@@ -1,6 +1,7 @@
-"""A request checked against the model's tensor specs: the replica's check (``inference/engine.py``, through the
-servicer's ``decode_inputs``), the job queue's check before queueing (``jobqueue.check_request``) and the client's
-(``client.to_inputs``). The first two must refuse the same requests with the same words."""
+"""A request checked against the model's tensor specs (``oip/signature.py``): one check, reached three ways: the
+replica's (a signature from the model's config, through the servicer's ``decode_inputs``), the gateway's before it
+queues a job (a signature from the model's ``ModelMetadata`` answer) and the client's (``client.to_inputs``, from
+the metadata JSON). All three refuse the same requests with the same words."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from hypothesis import strategies as st
 
 from inferencehub.client import synthetic_inputs, to_inputs
 from inferencehub.errors import InvalidInput, ModelError
-from inferencehub.inference.engine import Engine, ServedModel, shape_matches
-from inferencehub.inference.servicer import decode_inputs, encode_outputs, model_config
-from inferencehub.jobqueue import check_request
+from inferencehub.inference.engine import Engine, ServedModel
+from inferencehub.inference.servicer import model_config
 from inferencehub.model import Batching, ModelConfig, TensorSpec
+from inferencehub.oip.codec import decode_inputs, encode_outputs
+from inferencehub.oip.signature import Signature, shape_matches
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.tensors import DATATYPES
 
@@ -44,9 +46,12 @@ def request(*inputs: tuple[str, str, list[int]], outputs: tuple[str, ...] = ()) 
 
 
 def replica_check(message: pb.ModelInferRequest, config: ModelConfig = CONFIG) -> None:
-    served = ServedModel(config)
-    decode_inputs(message, served)
-    served.output_specs([o.name for o in message.outputs])
+    decode_inputs(message, ServedModel(config).signature)
+
+
+def check_request(message: pb.ModelInferRequest, metadata: pb.ModelMetadataResponse, max_batch_size: int = 0):
+    """The gateway's check before queueing a job: a signature from the model's metadata and batch limit."""
+    Signature.of_metadata(metadata, max_batch_size).check(message)
 
 
 GOOD = (("x", "FP32", [2, 4]), ("ids", "INT64", [2]))
@@ -145,19 +150,19 @@ def test_raw_contents_must_match_the_inputs():
     message = request(*GOOD)
     message.raw_input_contents.pop()
     with pytest.raises(InvalidInput, match="raw_input_contents has 1 entries for 2 inputs"):
-        decode_inputs(message, ServedModel(CONFIG))
+        decode_inputs(message, ServedModel(CONFIG).signature)
 
 
 def test_typed_contents_are_decoded_and_checked():
     message = pb.ModelInferRequest(model_name="iris")
     message.inputs.add(name="x", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([1, 2, 3, 4])
     message.inputs.add(name="ids", datatype="INT64", shape=[1]).contents.int64_contents.append(5)
-    arrays = decode_inputs(message, ServedModel(CONFIG))
+    arrays, _ = decode_inputs(message, ServedModel(CONFIG).signature)
     assert arrays["x"].dtype == np.float32 and arrays["x"].tolist() == [[1, 2, 3, 4]]
     message.inputs[1].contents.ClearField("int64_contents")
     message.inputs[1].contents.int_contents.append(5)
     with pytest.raises(InvalidInput, match=r"datatype INT64 takes contents\.int64_contents, got int_contents"):
-        decode_inputs(message, ServedModel(CONFIG))
+        decode_inputs(message, ServedModel(CONFIG).signature)
 
 
 def test_fp16_needs_raw_contents():
@@ -165,13 +170,14 @@ def test_fp16_needs_raw_contents():
     message = pb.ModelInferRequest(model_name="h")
     message.inputs.add(name="x", datatype="FP16", shape=[2])
     with pytest.raises(InvalidInput, match="FP16 data must be sent in raw_input_contents"):
-        decode_inputs(message, ServedModel(config))
+        decode_inputs(message, ServedModel(config).signature)
 
 
 def test_output_specs_follow_the_request_order_or_are_all():
-    served = ServedModel(CONFIG)
-    assert [s.name for s in served.output_specs([])] == ["y", "label"]
-    assert [s.name for s in served.output_specs(["label", "y"])] == ["label", "y"]
+    signature = ServedModel(CONFIG).signature
+    assert [s.name for s in signature.output_specs([])] == ["y", "label"]
+    assert [s.name for s in signature.output_specs(["label", "y"])] == ["label", "y"]
+    assert [s.name for s in decode_inputs(request(*GOOD, outputs=("label",)), signature)[1]] == ["label"]
 
 
 # --- the model's outputs, checked by the engine ----------------------------------------------------------------
@@ -247,7 +253,7 @@ def test_the_client_converts_values_to_the_models_datatypes():
 def test_the_client_names_an_unknown_or_missing_input():
     with pytest.raises(InvalidInput, match="model 'iris' has no input 'q' \\(its inputs: x, s\\)"):
         to_inputs(CLIENT_METADATA, {"x": [[1, 2, 3, 4]], "s": ["a"], "q": [1]})
-    with pytest.raises(InvalidInput, match=r"missing input 's' \(BYTES \[-1\]\)"):
+    with pytest.raises(InvalidInput, match=r"^model 'iris': missing input 's' \(BYTES \[-1\]\)$"):
         to_inputs(CLIENT_METADATA, {"x": [[1, 2, 3, 4]]})
 
 
@@ -263,3 +269,36 @@ def test_synthetic_inputs_fit_the_specs():
         "iris", "1", "mock", "mock", (TensorSpec("x", "FP32", (-1, 4)), TensorSpec("s", "BYTES", (-1,))), OUTPUTS
     )
     check_request(message, metadata(client_metadata))
+
+
+CONFIG_JSON = {
+    "name": "iris",
+    "inputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in INPUTS],
+    "outputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in OUTPUTS],
+}
+CLIENT_BAD = {  # the client converts values to the model's datatypes and gives each input once: the rest apply
+    "unknown input": {"x": np.zeros((2, 4)), "ids": [1, 2], "z": [1.0]},
+    "rank": {"x": np.zeros(8), "ids": [1, 2]},
+    "dimension": {"x": np.zeros((2, 5)), "ids": [1, 2]},
+    "missing": {"x": np.zeros((2, 4))},
+}
+
+
+@pytest.mark.parametrize("case", list(CLIENT_BAD))
+def test_the_client_refuses_it_in_the_replicas_words(case):
+    with pytest.raises(InvalidInput) as caught:
+        to_inputs(CONFIG_JSON, CLIENT_BAD[case])
+    assert str(caught.value) == BAD[case][1]
+    message = request(*[(n, dict(GOOD_TYPES)[n], list(np.shape(v))) for n, v in CLIENT_BAD[case].items()])
+    with pytest.raises(InvalidInput) as server:
+        replica_check(message)
+    assert str(server.value) == str(caught.value)
+
+
+GOOD_TYPES = (("x", "FP32"), ("ids", "INT64"), ("z", "FP32"))
+
+
+def test_the_client_accepts_what_the_replica_accepts():
+    arrays = to_inputs(CONFIG_JSON, {"ids": [1, 2, 3], "x": np.zeros((3, 4))})
+    assert arrays["x"].dtype == np.float32 and arrays["ids"].dtype == np.int64
+    replica_check(request(*[(n, dict(GOOD_TYPES)[n], list(a.shape)) for n, a in arrays.items()]))

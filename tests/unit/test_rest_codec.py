@@ -16,13 +16,13 @@ from inferencehub.client import HttpTransport, _decode_http
 from inferencehub.errors import InvalidInput
 from inferencehub.gateway.rest import (
     HEADER_LENGTH,
-    OutputPlan,
     model_config_json,
     model_metadata_json,
     parse_header_length,
     parse_infer_request,
     render_infer_response,
 )
+from inferencehub.oip.plan import OutputPlan
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.tensors import DATATYPES, from_raw, to_raw
 

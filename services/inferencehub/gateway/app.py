@@ -33,6 +33,7 @@ from inferencehub.gateway.http_errors import error_response, upstream_error_resp
 from inferencehub.gateway.keys import (
     BODY_BUDGET,
     COALESCER,
+    JOBS,
     METRICS,
     REPLICAS,
     SETTINGS,
@@ -267,7 +268,7 @@ def forget_model(app: web.Application, name: str) -> None:
     """Drop what this gateway process cached about a model just loaded, replaced or unloaded (its batch size for
     coalescing, its metadata for jobs); other gateway processes refresh theirs within their cache's lifetime."""
     limits = getattr(app[COALESCER], "limits", None)
-    queue = app.get(jobs.JOBS)
+    queue = app.get(JOBS)
     for cache in (limits, getattr(queue, "metadata", None)):
         if isinstance(cache, dict):
             for key in [k for k in cache if k[0] == name]:
@@ -286,7 +287,7 @@ async def repository_load(request: web.Request) -> web.Response:
         forget_model(request.app, name)
         config = doc.parameters.get("config")
         desired = Desired(name, True, config if isinstance(config, str) else None)
-        await repository.remember(request.app.get(jobs.JOBS), desired, request.app[SETTINGS].jobs_replicas)
+        await repository.remember(request.app.get(JOBS), desired, request.app[SETTINGS].jobs_replicas)
     return response
 
 
@@ -302,7 +303,7 @@ async def repository_unload(request: web.Request) -> web.Response:
     )
     if succeeded:
         forget_model(request.app, name)
-        await repository.remember(request.app.get(jobs.JOBS), Desired(name, False), request.app[SETTINGS].jobs_replicas)
+        await repository.remember(request.app.get(JOBS), Desired(name, False), request.app[SETTINGS].jobs_replicas)
     return response
 
 
@@ -314,7 +315,7 @@ async def status_json(request: web.Request) -> web.Response:
         await replicas.poll_once()  # answer with each replica's health, not an empty list
     state = request.app[STATE]
     body = status(request.app[TRAFFIC], replicas, ready=state.started and not state.draining, draining=state.draining)
-    queue = request.app.get(jobs.JOBS)
+    queue = request.app.get(JOBS)
     if queue is not None:
         body["jobs"] = await queue.recent_jobs()
     return web.json_response(body, headers={"Cache-Control": "no-store"})

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from inferencehub.gateway.body_budget import BodyBudget
 from inferencehub.gateway.coalescer import Coalescer
+from inferencehub.gateway.job_queue import JobQueue
 from inferencehub.gateway.metrics import GatewayMetrics
 from inferencehub.gateway.replicas import ReplicaSet
 from inferencehub.gateway.status import Traffic
@@ -35,3 +36,4 @@ TRAFFIC = web.AppKey("traffic", Traffic)
 TRACING: web.AppKey[Tracing | None] = web.AppKey("tracing")  # None when tracing is off
 COALESCER = web.AppKey("coalescer", Coalescer)
 BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
+JOBS = web.AppKey("jobs", JobQueue)  # only when a job queue is configured (--nats)

@@ -13,8 +13,7 @@ import msgspec
 
 import inferencehub
 from inferencehub.gateway import repository, schema
-from inferencehub.gateway.jobs import openapi_paths as openapi_job_paths
-from inferencehub.metadata import DEADLINE_HEADER, HEADER_LENGTH, REQUEST_ID_HEADER
+from inferencehub.metadata import DEADLINE_HEADER, HEADER_LENGTH, PREFER_HEADER, REQUEST_ID_HEADER
 
 REF = "#/components/schemas/{name}"
 
@@ -111,7 +110,7 @@ def _model_paths(prefix: str) -> dict[str, Any]:
                 "parameters": [
                     *params,
                     _header(
-                        "Prefer",
+                        PREFER_HEADER,
                         "respond-async (RFC 7240), optionally with wait=N: queue the call as a job when the gateway "
                         "has a job queue (202 and Location: /v2/jobs/{id}); served synchronously otherwise",
                         type="string",
@@ -140,6 +139,32 @@ def _model_paths(prefix: str) -> dict[str, Any]:
                 },
             }
         },
+    }
+
+
+def _job_paths() -> dict[str, Any]:
+    """The async job routes (gateway/jobs.py); submitting is the infer route with ``Prefer: respond-async``."""
+    params = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    gone = {"404": _json(schema.Error, "unknown or expired job (or no job queue on this gateway)")}
+    unavailable = {"503": _json(schema.Error, "the job queue is unavailable")}
+    return {
+        "/v2/jobs/{id}": {
+            "get": {
+                "summary": "An async job (submitted with POST .../infer and the header Prefer: respond-async)",
+                "parameters": params,
+                "responses": {"200": _json(schema.Job, "the job"), **gone, **unavailable},
+            },
+            "delete": {
+                "summary": "Cancel a queued or running job",
+                "parameters": params,
+                "responses": {
+                    "200": _json(schema.Job, "the job, cancelled"),
+                    **gone,
+                    "409": _json(schema.Error, "the job already finished"),
+                    **unavailable,
+                },
+            },
+        }
     }
 
 
@@ -212,7 +237,7 @@ def openapi_document() -> dict[str, Any]:
             "/v2/health/ready": _get("Server readiness", _answers(schema.Ready, *UPSTREAM_ERRORS), UPSTREAM_HEADERS),
             **_model_paths("/v2/models/{model}"),
             **_model_paths("/v2/models/{model}/versions/{version}"),
-            **openapi_job_paths(),
+            **_job_paths(),
             **_repository_paths(),
         },
         "components": {"schemas": components},

@@ -15,7 +15,6 @@ output or ``parameters.binary_data_output`` on the request.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -32,22 +31,12 @@ from inferencehub.gateway.schema import (
     RequestParameters,
 )
 from inferencehub.metadata import HEADER_LENGTH
+from inferencehub.oip.plan import OutputPlan
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.tensors import DATATYPES, Datatype, deserialize_bytes, element_count, serialize_bytes, to_raw
 
 JSON_KINDS = {"BOOL": "b", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"}  # numpy kinds each datatype accepts
 KIND_WORDS = {"b": "true/false", "iu": "integers", "iuf": "numbers"}
-
-
-@dataclass(frozen=True)
-class OutputPlan:
-    """Which outputs go back as binary data."""
-
-    binary_default: bool
-    binary: dict[str, bool]
-
-    def is_binary(self, name: str) -> bool:
-        return self.binary.get(name, self.binary_default)
 
 
 def _set_parameters(params: dict[str, Any], target) -> None:

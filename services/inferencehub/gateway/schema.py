@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from inferencehub.jobqueue import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from inferencehub.tensors import DATATYPES
 
 # Datatype and the *Params types are built at run time (for msgspec and the OpenAPI document); a type checker
@@ -148,6 +149,28 @@ class Status(Struct):
     status: str
 
 
+if TYPE_CHECKING:
+    JobStatus = str
+else:
+    JobStatus = Literal[(QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)]
+Time = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+
+
+class Job(Struct):
+    """An async job, submitted with POST .../infer and Prefer: respond-async; its times are ISO 8601, UTC."""
+
+    id: str
+    model_name: str
+    model_version: str
+    status: JobStatus
+    created_at: Time
+    started_at: Time | None
+    finished_at: Time | None
+    attempts: int
+    result: Annotated[dict[str, Any], Meta(description="the inference response, when succeeded")] | UnsetType = UNSET
+    error: Annotated[str, Meta(description="why it failed or was cancelled")] | UnsetType = UNSET
+
+
 SCHEMAS: list[type[Struct]] = [
     InferenceRequest,
     InferenceResponse,
@@ -158,6 +181,7 @@ SCHEMAS: list[type[Struct]] = [
     Ready,
     ModelReady,
     Status,
+    Job,
 ]
 
 REQUEST_DECODER = msgspec.json.Decoder(InferenceRequest)

@@ -1,6 +1,7 @@
-"""The transport-free data plane: the served models, their state, validation and calls.
+"""The transport-free data plane: the served models, their state and their calls.
 
-The gRPC servicer only converts protobuf to numpy and back and delegates here.
+Requests reach it through ``inference/pipeline.py`` (checked and decoded by ``oip.codec`` against each model's
+``Signature``); the engine queues them on the model's scheduler and checks what the model returns.
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ import enum
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from inferencehub.errors import InvalidInput, ModelError, ModelLoadFailed, ModelNotFound, ModelNotReady
+from inferencehub.errors import ModelError, ModelLoadFailed, ModelNotFound, ModelNotReady
 from inferencehub.inference.metrics import InferenceMetrics
 from inferencehub.inference.scheduler import ModelScheduler
 from inferencehub.inference.statistics import ModelStats, Timing
 from inferencehub.inference.workers import Workers
 from inferencehub.model import Model, ModelConfig, TensorSpec
+from inferencehub.oip.signature import Signature, shape_matches
 from inferencehub.tensors import DATATYPES
 
 log = logging.getLogger(__name__)
@@ -31,14 +33,6 @@ class State(enum.Enum):
     DRAINING = "draining"
 
 
-def shape_matches(shape: tuple[int, ...], spec: TensorSpec) -> bool:
-    return len(shape) == len(spec.shape) and all(s == d or d == -1 for s, d in zip(shape, spec.shape, strict=True))
-
-
-def describe(spec: TensorSpec) -> str:
-    return f"{spec.datatype} {list(spec.shape)}"
-
-
 @dataclass
 class ServedModel:
     config: ModelConfig
@@ -47,39 +41,10 @@ class ServedModel:
     ready: bool = False
     stats: ModelStats | None = None  # Triton's statistics extension; set by the engine
     retired: bool = False  # replaced or unloaded: takes no new call, finishes those it holds
+    signature: Signature = field(init=False, repr=False)
 
-    def input_spec(self, name: str, datatype: str, shape: tuple[int, ...]) -> TensorSpec:
-        """The config's spec for an input, after checking the request's datatype and shape against it."""
-        spec = next((s for s in self.config.inputs if s.name == name), None)
-        if spec is None:
-            known = ", ".join(s.name for s in self.config.inputs)
-            raise InvalidInput(f"model '{self.config.name}' has no input '{name}' (its inputs: {known})")
-        if datatype != spec.datatype:
-            raise InvalidInput(f"input '{name}': datatype {datatype}, expected {spec.datatype}")
-        if not shape_matches(shape, spec):
-            raise InvalidInput(f"input '{name}': shape {list(shape)}, expected {list(spec.shape)} (-1: any size)")
-        return spec
-
-    def check_complete(self, names: list[str]) -> None:
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise InvalidInput(f"input '{dup}' is given more than once")
-        for spec in self.config.inputs:
-            if spec.name not in names:
-                raise InvalidInput(f"model '{self.config.name}': missing input '{spec.name}' ({describe(spec)})")
-
-    def output_specs(self, requested: list[str]) -> list[TensorSpec]:
-        """The outputs to return: those requested, in order, or all of them."""
-        if not requested:
-            return list(self.config.outputs)
-        by_name = {s.name: s for s in self.config.outputs}
-        specs = []
-        for name in requested:
-            if name not in by_name:
-                known = ", ".join(by_name)
-                raise InvalidInput(f"model '{self.config.name}' has no output '{name}' (its outputs: {known})")
-            specs.append(by_name[name])
-        return specs
+    def __post_init__(self) -> None:
+        self.signature = Signature.of_config(self.config)  # the request checks, built once per instance
 
 
 ASYNC_CONCURRENCY = 256  # default for models whose predict is a coroutine (they wait without a pool)

@@ -37,10 +37,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inferencehub import jobqueue, logs
 from inferencehub.buckets import LATENCY_BUCKETS
-from inferencehub.errors import InferenceHubError, ModelNotReady, Overloaded
+from inferencehub.errors import InferenceHubError, ModelNotReady
+from inferencehub.inference import pipeline
 from inferencehub.inference.engine import Engine, ServedModel
-from inferencehub.inference.servicer import decode_inputs, encode_outputs
 from inferencehub.jobqueue import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobRecord
+from inferencehub.oip.plan import HEADER as PLAN_HEADER
+from inferencehub.oip.plan import OutputPlan
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.settings import InferenceSettings
 
@@ -307,7 +309,7 @@ class JobRunner:
             await message.term()
             return
         created = float(headers.get(jobqueue.CREATED_HEADER, "0") or 0) or jobqueue.now()
-        plan = _plan(headers.get(jobqueue.PLAN_HEADER, ""))
+        plan = OutputPlan.from_header(headers.get(PLAN_HEADER, ""))
         give_up = delivered > self.settings.jobs_max_attempts
         failed_here = []
         request = None
@@ -324,7 +326,8 @@ class JobRunner:
                 status=QUEUED,
                 created=created,
                 seq=message.metadata.sequence.stream,
-                **plan,
+                binary_default=plan.binary_default,
+                binary=dict(plan.binary),
             )
             if give_up:
                 failed_here.append(True)
@@ -354,7 +357,7 @@ class JobRunner:
         self.metrics.queued.labels(name).observe(max(0.0, jobqueue.now() - created))
         started = time.perf_counter()
         assert request is not None  # claim() failed an unreadable job
-        work = asyncio.create_task(self._infer(served, request))
+        work = asyncio.create_task(pipeline.infer(self.engine, request, wait_when_full=True))
         beat = asyncio.create_task(self._heartbeat(message, job_id, work))
         try:
             response = await work
@@ -445,22 +448,6 @@ class JobRunner:
                     return "cancelled"
         return "done"
 
-    async def _infer(self, served: ServedModel, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        served = self.engine.get(request.model_name, request.model_version)
-        inputs = decode_inputs(request, served)
-        specs = served.output_specs([o.name for o in request.outputs])
-        while True:
-            try:
-                arrays = await self.engine.infer(served, inputs, specs, None)
-                break
-            except Overloaded:  # synchronous calls filled the model's queue: keep the job and try again
-                await asyncio.sleep(0.05)
-        response = pb.ModelInferResponse(
-            model_name=served.config.name, model_version=served.config.version, id=request.id
-        )
-        encode_outputs(response, specs, arrays, raw=bool(request.raw_input_contents))
-        return response
-
     async def stop(self, grace: float) -> None:
         """Stop pulling at once; give held jobs ``grace`` seconds to finish, then hand the rest back."""
         self.stopping = True
@@ -485,13 +472,3 @@ class JobRunner:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), 5)
         log.debug("jobs: stopped")
-
-
-def _plan(header: str) -> dict:
-    import json
-
-    try:
-        doc = json.loads(header)
-        return {"binary_default": bool(doc.get("binary_default")), "binary": dict(doc.get("binary") or {})}
-    except (ValueError, TypeError, AttributeError):
-        return {"binary_default": False, "binary": {}}

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from inferencehub.errors import DeadlineExpired, InvalidInput, ModelError, ModelNotReady, Overloaded
+from inferencehub.errors import DeadlineExpired, ModelError, ModelNotReady, Overloaded
 from inferencehub.inference.metrics import InferenceMetrics
 from inferencehub.inference.statistics import ModelStats, Timing
 from inferencehub.model import ModelConfig
+from inferencehub.oip.signature import check_rows
 
 Arrays = dict[str, np.ndarray]
 
@@ -83,11 +84,7 @@ class ModelScheduler:
         if self.batching:
             first = next(iter(inputs.values()))
             rows = first.shape[0]
-            if rows > self.batching.max_batch_size:
-                raise InvalidInput(
-                    f"model '{self.config.name}': a request of {rows} rows is over its max_batch_size "
-                    f"({self.batching.max_batch_size}); split it"
-                )
+            check_rows(self.config.name, rows, self.batching.max_batch_size)
             key = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(inputs.items()))
         free = self.concurrency - self.busy
         if len(self.queue) >= self.max_queue + max(free, 0):

@@ -1,6 +1,8 @@
-"""The Open Inference Protocol gRPC servicer: converts protobuf <-> numpy and delegates to the engine.
+"""The Open Inference Protocol gRPC servicer: the replica's gRPC adapter.
 
-Errors are mapped to gRPC statuses here and only here.
+``ModelInfer`` hands the request to the one infer pipeline (``inference/pipeline.py``: the ``oip`` codec and the
+engine) with the call's deadline, and keeps what belongs to the call: its request id, metrics, statistics, load
+report and span. Errors are mapped to gRPC statuses here and only here.
 """
 
 from __future__ import annotations
@@ -11,22 +13,22 @@ import time
 import uuid
 
 import grpc
-import numpy as np
 from prometheus_client import Counter
 
 import inferencehub
 from inferencehub import logs
-from inferencehub.errors import InferenceHubError, InvalidInput
+from inferencehub.errors import InferenceHubError
+from inferencehub.inference import pipeline
 from inferencehub.inference.control import ModelControl
 from inferencehub.inference.engine import Engine, ServedModel
 from inferencehub.inference.load_report import LoadReporter
 from inferencehub.inference.metrics import UNKNOWN_MODEL, InferenceMetrics
+from inferencehub.inference.spans import replica_spans
 from inferencehub.inference.statistics import Timing
 from inferencehub.metadata import QUEUE_DEPTH_KEY, REQUEST_ID_KEY
 from inferencehub.model import ModelConfig
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
 from inferencehub.protocol.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from inferencehub.tensors import DATATYPES, from_raw, from_values, to_raw, to_values
 from inferencehub.tracing import REPLICA_ATTRIBUTE, Tracing
 
 log = logging.getLogger(__name__)
@@ -34,46 +36,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # The protocol extensions this replica serves over gRPC (the gateway adds its HTTP-only ones).
 EXTENSIONS = ("model_configuration", "statistics", "model_repository")
-
-
-def decode_inputs(request: pb.ModelInferRequest, served: ServedModel) -> dict[str, np.ndarray]:
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
-    inputs: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
-        shape = tuple(tensor.shape)
-        spec = served.input_spec(tensor.name, tensor.datatype, shape)
-        dt = DATATYPES[spec.datatype]
-        given = [f.name for f, _ in tensor.contents.ListFields()]
-        if raw:
-            if given:
-                raise InvalidInput(f"input '{tensor.name}': contents and raw_input_contents are both set; use one")
-            inputs[tensor.name] = from_raw(raw[i], dt, list(shape), tensor.name)
-            continue
-        if dt.contents_field is None:
-            raise InvalidInput(f"input '{tensor.name}': {dt.name} data must be sent in raw_input_contents")
-        if given and given != [dt.contents_field]:
-            raise InvalidInput(
-                f"input '{tensor.name}': datatype {dt.name} takes contents.{dt.contents_field}, got {', '.join(given)}"
-            )
-        inputs[tensor.name] = from_values(getattr(tensor.contents, dt.contents_field), dt, list(shape), tensor.name)
-    served.check_complete([t.name for t in request.inputs])
-    return inputs
-
-
-def encode_outputs(response: pb.ModelInferResponse, specs, arrays: list[np.ndarray], raw: bool) -> None:
-    # Raw replies when the request came raw (tritonclient) or a datatype has no typed field
-    # (FP16); typed contents otherwise, so grpcurl users read plain numbers.
-    raw = raw or any(DATATYPES[s.datatype].contents_field is None for s in specs)
-    for spec, array in zip(specs, arrays, strict=True):
-        dt = DATATYPES[spec.datatype]
-        out = response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
-        if raw:
-            response.raw_output_contents.append(to_raw(array, dt))
-        else:
-            assert dt.contents_field is not None  # raw otherwise
-            getattr(out.contents, dt.contents_field).extend(to_values(array, dt))
 
 
 def model_config(config: ModelConfig) -> pb.ModelConfig:
@@ -281,7 +243,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         share = self.load.begin(model)
         context.set_trailing_metadata(self.replica_metadata)
         try:
-            response = await self._infer(request, context, timing)
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+            response = await pipeline.infer(self.engine, request, deadline, timing)
         except InferenceHubError as exc:
             code, message = exc.status, str(exc)
             log.warning("ModelInfer %s: %s: %s", request.model_name, code.name, exc)
@@ -327,24 +291,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         assert self.tracing is not None
         from opentelemetry.trace import Status, StatusCode
 
-        self.tracing.replica_spans(span, timing)
+        replica_spans(self.tracing, span, timing)
         span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code is not grpc.StatusCode.OK:
             span.set_status(Status(StatusCode.ERROR, code.name))
         span.end()
-
-    async def _infer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, timing: Timing
-    ) -> pb.ModelInferResponse:
-        served = self.engine.get(request.model_name, request.model_version)
-        inputs = decode_inputs(request, served)
-        timing.decoded = time.perf_counter_ns()
-        specs = served.output_specs([o.name for o in request.outputs])
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        arrays = await self.engine.infer(served, inputs, specs, deadline, timing)
-        response = pb.ModelInferResponse(
-            model_name=served.config.name, model_version=served.config.version, id=request.id
-        )
-        encode_outputs(response, specs, arrays, raw=bool(request.raw_input_contents))
-        return response

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
+import functools
 import http.client
 import json
 import os
@@ -30,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import kubernetes_validate.utils
 import numpy as np
 import pytest
 import yaml
@@ -569,6 +571,11 @@ HELMS = {"helm3": TOOLS / "helm-3" / "helm", "helm4": TOOLS / "helm-4" / "helm"}
 NAMESPACE = "demo"
 RELEASE = "inferencehub"
 KUBERNETES = ["1.29.0", "1.37.0"]  # the oldest supported and the newest bundled schemas
+
+# kubernetes_validate reads and parses its schema files (the shared definitions are megabytes of JSON) on every
+# call; the chart tests validate hundreds of objects, so each file is parsed once per test process. The schemas
+# are only read (jsonschema never changes them), so sharing the parsed ones changes no verdict.
+kubernetes_validate.utils.schema_contents = functools.lru_cache(maxsize=None)(kubernetes_validate.utils.schema_contents)
 
 
 def helm(version: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:

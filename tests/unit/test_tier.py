@@ -41,5 +41,5 @@ def test_plain_pytest_runs_the_system_tests_without_this_tier():
     assert "unit" in options["norecursedirs"]
     recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1)
     unit = recipe.index("-m pytest tests/unit")
-    system = recipe.index("-m pytest tests/system\n")
+    system = recipe.index("-m pytest tests/system ")
     assert unit < system  # two processes: this tier first, then the system tests

@@ -554,6 +554,20 @@ def check_drill(statuses: collections.Counter[int], sig: signal.Signals, threads
     assert statuses[200] > 50, f"{sig.name}: {statuses}"
 
 
+def drill(gateway: Gateway, proc: subprocess.Popen, sig: signal.Signals, threads: int = 8) -> None:
+    """Send ``sig`` to a replica while load runs through the gateway: once requests flow, and until 60 more have
+    succeeded after the signal (the other replicas took over); then every request is accounted for (check_drill)."""
+    load = Load(gateway, threads)
+    try:
+        wait_for(lambda: load.statuses[200] >= 20, timeout=30, interval=0.02, what="load through the gateway")
+        before = load.statuses[200]
+        proc.send_signal(sig)
+        wait_for(lambda: load.statuses[200] >= before + 60, timeout=30, interval=0.02, what="requests after the signal")
+    finally:
+        statuses = load.stop()
+    check_drill(statuses, sig, threads)
+
+
 def served_by(gateway: Gateway, count: int) -> collections.Counter[str]:
     seen: collections.Counter[str] = collections.Counter()
     for _ in range(count):

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -27,9 +26,8 @@ from conftest import (
     SHIPPED,
     TEST_MODELS,
     Gateway,
-    Load,
     Replica,
-    check_drill,
+    drill,
     health_status,
     model_repository,
     served_by,
@@ -479,11 +477,7 @@ def test_load_balancing_and_failure_drills_over_tls(pki, tmp_path, dns):
         assert min(spread.values()) >= 20, spread
 
         for name, sig in (("r1", signal.SIGKILL), ("r2", signal.SIGTERM)):
-            load = Load(gateway)
-            time.sleep(1.0)
-            replicas[name].proc.send_signal(sig)
-            time.sleep(4.0)
-            check_drill(load.stop(), sig)
+            drill(gateway, replicas[name].proc, sig)
         assert replicas["r2"].proc.wait(10) == 0
         assert served_by(gateway, 10) == {"r3": 10}
     finally:

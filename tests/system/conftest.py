@@ -142,9 +142,11 @@ class Server(Child):
         super().__init__(command[2], command, env=env)
         try:
             self.addresses = self.wait_listening(60)
-        except ChildError as exc:
+        except BaseException as exc:  # a ChildError, or the test's timeout: the server never outlives its test
             self.kill()
-            raise AssertionError(str(exc)) from None
+            if isinstance(exc, ChildError):
+                raise AssertionError(str(exc)) from None
+            raise
 
     def check_running(self) -> None:
         if not self.running:
@@ -164,7 +166,11 @@ class Replica(Server):
         self.target = f"{host}:{self.port}"
 
     def wait_serving(self, timeout: float = 60.0) -> Replica:
-        wait_for(lambda: self._status() == "SERVING", timeout, what="SERVING")
+        try:
+            wait_for(lambda: self._status() == "SERVING", timeout, what="SERVING")
+        except BaseException:  # never serving, or the test's timeout while waiting: no replica is left behind
+            self.kill()
+            raise
         return self
 
     def _status(self) -> str | None:
@@ -182,7 +188,11 @@ class Gateway(Server):
         super().__init__(gateway_command(upstream, *args), env)
         self.port = _port(self.addresses["http"])
         self.url = f"127.0.0.1:{self.port}"
-        wait_for(lambda: self.request("GET", "/readyz").status == 200, what="the gateway to be ready")
+        try:
+            wait_for(lambda: self.request("GET", "/readyz").status == 200, what="the gateway to be ready")
+        except BaseException:  # as wait_serving: a gateway that never got ready is not left running
+            self.kill()
+            raise
 
     def request(
         self,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from common import ROOT, SHIPPED, bench, figure, gateway, replica, repository, table, write
 
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "system"))
 from pki import CA  # the tests' certificate maker
 
 NAME = "tls"

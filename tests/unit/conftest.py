@@ -3,7 +3,7 @@
 These tests may import ``inferencehub.protocol`` (the generated protobuf messages) because they never import
 tritonclient, which registers the same ``inference.*`` protobuf symbols: one process cannot hold both. That is
 why this tier runs in a pytest process of its own (``make test`` runs ``pytest tests/unit`` first, then the
-system tests in ``tests/``). The guards below keep it that way: a test that imports tritonclient, opens a
+system tests in ``tests/system``). The guards below keep it that way: a test that imports tritonclient, opens a
 network connection or listens on a port fails.
 """
 

@@ -1,5 +1,5 @@
-"""The chart's plain files, checked in-process (rendering and cluster checks are in tests/test_chart.py): its values
-against their schema, and every env var its templates set against the settings the services read."""
+"""The chart's plain files, checked in-process (rendering and cluster checks are in tests/system/test_chart.py):
+its values against their schema, and every env var its templates set against the settings the services read."""
 
 from __future__ import annotations
 

@@ -37,9 +37,9 @@ def test_the_network_is_out_of_reach():
 
 def test_plain_pytest_runs_the_system_tests_without_this_tier():
     options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
-    assert options["testpaths"] == ["tests"]
+    assert options["testpaths"] == ["tests/system"]
     assert "unit" in options["norecursedirs"]
     recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1)
     unit = recipe.index("-m pytest tests/unit")
-    system = recipe.index("-m pytest\n")
+    system = recipe.index("-m pytest tests/system ")
     assert unit < system  # two processes: this tier first, then the system tests

@@ -23,7 +23,7 @@ from conftest import (
     Gateway,
     Load,
     Replica,
-    check_drill,
+    drill,
     health_status,
     model_repository,
     served_by,
@@ -72,11 +72,7 @@ def test_spread_discovery_and_failure_drills(tmp_path, dns, policy):
 
         # Failure drills under load: SIGKILL, SIGTERM, SIGSTOP.
         for name, sig in (("r1", signal.SIGKILL), ("r2", signal.SIGTERM), ("r3", signal.SIGSTOP)):
-            load = Load(gateway)
-            time.sleep(1.0)
-            replicas[name].proc.send_signal(sig)
-            time.sleep(4.0)
-            check_drill(load.stop(), sig)
+            drill(gateway, replicas[name].proc, sig)
         assert replicas["r2"].proc.wait(10) == 0  # SIGTERM drained and exited cleanly
         assert served_by(gateway, 10) == {"r4": 10}
     finally:

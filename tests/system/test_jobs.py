@@ -117,7 +117,7 @@ def curl(*args: str) -> str:
 
 def readme_job_commands() -> tuple[list[str], list[str]]:
     """The async jobs page's curl commands: the runnable ones (sh) and those that take a JOB_ID (text)."""
-    page = (Path(__file__).resolve().parent.parent / "docs" / "jobs.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "jobs.md").read_text()
     section = page.split("# Async inference", 1)[1].split("\n## ", 1)[0]
     sh = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
     text = re.search(r"```text\n(.*?)```", section, re.S).group(1)

@@ -1,6 +1,6 @@
 """Drive InferenceHub with the stock kserve SDK. Runs in the kserve environment (scripts/install_tools.py):
 
-python tests/clients/kserve_client.py GATEWAY_URL REPLICA_TARGET
+python tests/system/clients/kserve_client.py GATEWAY_URL REPLICA_TARGET
 """
 
 import asyncio

@@ -150,7 +150,7 @@ def test_every_object_passes_strict_schema_validation(rendered, values, kubernet
 def test_the_defaults_render_nothing_of_this(rendered):
     objects = render("helm3")
     assert not by_kind(objects, "Certificate")
-    # The only Secret by default is the job queue's NATS passwords (tests/test_chart_jobs.py).
+    # The only Secret by default is the job queue's NATS passwords (tests/system/test_chart_jobs.py).
     assert [s["metadata"]["name"] for s in by_kind(objects, "Secret")] == [f"{RELEASE}-nats-auth"]
     for component in ("gateway", "inference"):
         env = env_of(container(objects, component))

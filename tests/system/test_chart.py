@@ -285,7 +285,7 @@ def test_policies(rendered, values):
         if policy["metadata"]["labels"]["app.kubernetes.io/component"] != "inference":
             continue
         if policy["metadata"]["labels"]["app.kubernetes.io/component"] == "nats":
-            continue  # tests/test_chart_jobs.py checks the job queue's
+            continue  # tests/system/test_chart_jobs.py checks the job queue's
         allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
         assert allowed.items() <= pods["gateway"]["metadata"]["labels"].items()
         assert policy["spec"]["podSelector"]["matchLabels"].items() <= pods["inference"]["metadata"]["labels"].items()

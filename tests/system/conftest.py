@@ -1,4 +1,10 @@
-"""Shared test helpers: real inference replicas and gateways as subprocesses on loopback, port 0.
+"""The system tier's harness: real inference replicas, gateways and NATS servers as subprocesses on loopback, port 0.
+
+tests/system holds every test that starts a process, opens a socket or imports tritonclient (``pytest`` alone
+runs this folder; ``make test`` runs it after tests/unit, in a process of its own), with the data they use:
+``models/`` (test model repositories), ``clients/``, ``api/`` (schemathesis settings) and ``pki.py`` (certificates
+made per test). In-process tests of the transport-free code go in tests/unit; tests/containers (the images, root,
+``make test-containers``) loads this harness too.
 
 Test processes never import ``inferencehub.protocol``: tritonclient registers the same
 ``inference.*`` protobuf symbols, and one process cannot hold both. The servers run
@@ -10,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
+import functools
 import http.client
 import json
 import os
@@ -25,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import kubernetes_validate.utils
 import numpy as np
 import pytest
 import yaml
@@ -34,9 +42,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inferencehub.processes import Child, ChildError, NatsChild, gateway_command, inference_command
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "services" / "inferencehub" / "model_repository"
-TEST_MODELS = ROOT / "tests" / "models"
+TEST_MODELS = ROOT / "tests" / "system" / "models"
 EXAMPLE_MODELS = ROOT / "examples" / "models"
 
 
@@ -135,9 +143,11 @@ class Server(Child):
         super().__init__(command[2], command, env=env)
         try:
             self.addresses = self.wait_listening(60)
-        except ChildError as exc:
+        except BaseException as exc:  # a ChildError, or the test's timeout: the server never outlives its test
             self.kill()
-            raise AssertionError(str(exc)) from None
+            if isinstance(exc, ChildError):
+                raise AssertionError(str(exc)) from None
+            raise
 
     def check_running(self) -> None:
         if not self.running:
@@ -157,7 +167,11 @@ class Replica(Server):
         self.target = f"{host}:{self.port}"
 
     def wait_serving(self, timeout: float = 60.0) -> Replica:
-        wait_for(lambda: self._status() == "SERVING", timeout, what="SERVING")
+        try:
+            wait_for(lambda: self._status() == "SERVING", timeout, what="SERVING")
+        except BaseException:  # never serving, or the test's timeout while waiting: no replica is left behind
+            self.kill()
+            raise
         return self
 
     def _status(self) -> str | None:
@@ -176,7 +190,11 @@ class Gateway(Server):
         super().__init__(gateway_command(upstream, *args), {"INFERENCEHUB_GATEWAY_WORKERS": "1", **(env or {})})
         self.port = _port(self.addresses["http"])
         self.url = f"127.0.0.1:{self.port}"
-        wait_for(lambda: self.request("GET", "/readyz").status == 200, what="the gateway to be ready")
+        try:
+            wait_for(lambda: self.request("GET", "/readyz").status == 200, what="the gateway to be ready")
+        except BaseException:  # as wait_serving: a gateway that never got ready is not left running
+            self.kill()
+            raise
 
     def request(
         self,
@@ -466,7 +484,7 @@ def sample_value(text: str, name: str, **labels: str) -> float:
 # --- an emulated headless Service, and load through the gateway ----------------------------------------------
 
 HEADLESS_NAME = "inference.test."  # the replicas' name in the tests' DNS server
-FAST_BODY = {"inputs": [{"name": "input", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}]}  # tests/models/fast
+FAST_BODY = {"inputs": [{"name": "input", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}]}  # models/fast
 
 
 class DnsRecords(BaseResolver):
@@ -548,6 +566,20 @@ def check_drill(statuses: collections.Counter[int], sig: signal.Signals, threads
     assert statuses[200] > 50, f"{sig.name}: {statuses}"
 
 
+def drill(gateway: Gateway, proc: subprocess.Popen, sig: signal.Signals, threads: int = 8) -> None:
+    """Send ``sig`` to a replica while load runs through the gateway: once requests flow, and until 60 more have
+    succeeded after the signal (the other replicas took over); then every request is accounted for (check_drill)."""
+    load = Load(gateway, threads)
+    try:
+        wait_for(lambda: load.statuses[200] >= 20, timeout=30, interval=0.02, what="load through the gateway")
+        before = load.statuses[200]
+        proc.send_signal(sig)
+        wait_for(lambda: load.statuses[200] >= before + 60, timeout=30, interval=0.02, what="requests after the signal")
+    finally:
+        statuses = load.stop()
+    check_drill(statuses, sig, threads)
+
+
 def served_by(gateway: Gateway, count: int) -> collections.Counter[str]:
     seen: collections.Counter[str] = collections.Counter()
     for _ in range(count):
@@ -565,6 +597,11 @@ HELMS = {"helm3": TOOLS / "helm-3" / "helm", "helm4": TOOLS / "helm-4" / "helm"}
 NAMESPACE = "demo"
 RELEASE = "inferencehub"
 KUBERNETES = ["1.29.0", "1.37.0"]  # the oldest supported and the newest bundled schemas
+
+# kubernetes_validate reads and parses its schema files (the shared definitions are megabytes of JSON) on every
+# call; the chart tests validate hundreds of objects, so each file is parsed once per test process. The schemas
+# are only read (jsonschema never changes them), so sharing the parsed ones changes no verdict.
+kubernetes_validate.utils.schema_contents = functools.lru_cache(maxsize=None)(kubernetes_validate.utils.schema_contents)
 
 
 def helm(version: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""Mutual TLS between the gateway and the replicas, with real certificates made here (tests/pki.py): the replica
+"""Mutual TLS between the gateway and the replicas, with real certificates made here (tests/system/pki.py): the replica
 refuses plaintext and foreign clients, serves only the gateway's identity (--tls-client-names) when the CA signs
 for others too, serves probes on its plaintext health-only port, picks up new certificates without a restart; the
 gateway checks the replicas' names, serves every route over TLS, and keeps its load balancing and failure
@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -27,9 +26,8 @@ from conftest import (
     SHIPPED,
     TEST_MODELS,
     Gateway,
-    Load,
     Replica,
-    check_drill,
+    drill,
     health_status,
     model_repository,
     served_by,
@@ -479,11 +477,7 @@ def test_load_balancing_and_failure_drills_over_tls(pki, tmp_path, dns):
         assert min(spread.values()) >= 20, spread
 
         for name, sig in (("r1", signal.SIGKILL), ("r2", signal.SIGTERM)):
-            load = Load(gateway)
-            time.sleep(1.0)
-            replicas[name].proc.send_signal(sig)
-            time.sleep(4.0)
-            check_drill(load.stop(), sig)
+            drill(gateway, replicas[name].proc, sig)
         assert replicas["r2"].proc.wait(10) == 0
         assert served_by(gateway, 10) == {"r3": 10}
     finally:
@@ -494,7 +488,7 @@ def test_load_balancing_and_failure_drills_over_tls(pki, tmp_path, dns):
 
 
 def test_the_readme_grpcurl_commands_work_as_written(pki, tls_replica, tmp_path):
-    page = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
     section = page.split("grpcurl against a TLS replica", 1)[1]
     block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
     commands = [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]

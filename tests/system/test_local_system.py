@@ -269,11 +269,11 @@ def _answered(metrics_url: str) -> float:
 
 
 def test_readme_quick_start_is_two_commands_that_exist():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     first_block = re.search(r"```sh\n(.*?)```", readme, re.S).group(1)
     commands = [line.split("#")[0].strip() for line in first_block.splitlines() if line.strip()]
     assert commands == ["make run", "make test"]
-    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
     assert re.search(r"^run:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
 
 
@@ -282,7 +282,7 @@ def test_readme_commands_work_as_written(tmp_path):
     run locally, run against a live `up` (addresses substituted); the cluster pages' make targets exist."""
     from inferencehub.cli import build_parser
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     built = build_example_models(tmp_path / "built")  # what `make run` serves: the shipped and the built models
     repo = model_repository(
         tmp_path / "repo",

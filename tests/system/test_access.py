@@ -316,7 +316,7 @@ def test_infer_and_bench_take_an_api_key_by_flag_or_env(keyed):
 
 def test_the_readme_api_key_commands_work_as_written(replica, tmp_path):
     """The security page's API key block, run as one script: make a key, store its hash, start a gateway, call it."""
-    page = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
     section = page.split("**API keys at the gateway.**", 1)[1].split("**Rate limits.**", 1)[0]
     script = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
     port = free_port()

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 from conftest import ROOT
 
 PYTHON = ROOT / ".cache" / "tools" / "kserve" / "bin" / "python"
+CLIENT = Path(__file__).parent / "clients" / "kserve_client.py"
 
 
 def test_kserve_sdk_rest_and_grpc(gateway, replica):
     assert PYTHON.exists(), "run `make tools` (or `python scripts/install_tools.py`)"
     done = subprocess.run(
-        [str(PYTHON), str(ROOT / "tests" / "clients" / "kserve_client.py"), f"http://{gateway.url}", replica.target],
+        [str(PYTHON), str(CLIENT), f"http://{gateway.url}", replica.target],
         capture_output=True,
         text=True,
         timeout=120,

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 
 SCHEMATHESIS = ROOT / ".cache" / "tools" / "schemathesis" / "bin" / "schemathesis"
-CONFIG = ROOT / "tests" / "api" / "schemathesis.toml"
+CONFIG = ROOT / "tests" / "system" / "api" / "schemathesis.toml"
 
 
 @pytest.mark.timeout(300)

@@ -64,6 +64,9 @@ EMPTY_FINAL = "triton_enable_empty_final_response"
 ERROR_CODE = "error_code"
 _END = object()
 MAX_OPEN_PER_CALL = 256  # requests of one call answered at once; the next ones are read as these end
+# The call is ended this long before its deadline, so the caller gets DEADLINE_EXCEEDED with the replica's message
+# while the call is still open; at the deadline itself the transport's own ending races it (and may be a bare reset).
+DEADLINE_MARGIN_SECONDS = 0.05
 
 
 class CallerGone(Exception):
@@ -162,11 +165,12 @@ class StreamingServicer(InferenceServicer):
 
         remaining = context.time_remaining()
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        ends = None if deadline is None else deadline - min(DEADLINE_MARGIN_SECONDS, remaining / 10)
         tasks: set[asyncio.Task] = set()
         room = asyncio.Semaphore(MAX_OPEN_PER_CALL)
         expired = False
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(ends):
                 async for request in request_iterator:
                     # A caller with MAX_OPEN_PER_CALL requests unanswered waits (HTTP/2 flow control) to send more.
                     await room.acquire()

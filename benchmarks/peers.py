@@ -68,7 +68,7 @@ def triton_missing() -> str | None:
 
 
 class TreeProcess(Child):
-    """A process whose CPU time includes its live descendants (MLServer's inference workers)."""
+    """A peer server (its CPU time, like every Child's, includes its descendants: MLServer's inference workers)."""
 
     def wait_ready(self, url: str, timeout: float = 120.0) -> None:
         """Poll ``url`` (a readiness route) until it answers 200; the ports were chosen here, so none is announced."""
@@ -86,28 +86,6 @@ class TreeProcess(Child):
             if not self.running or time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} did not get ready at {url}:\n{self.tail()}")
             time.sleep(0.1)
-
-    def cpu_seconds(self) -> float:
-        total = 0
-        tick = os.sysconf("SC_CLK_TCK")
-        children: dict[int, list[int]] = {}
-        stats: dict[int, list[str]] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(entry.name)] = fields
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-        todo = [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            if pid in stats:
-                total += int(stats[pid][11]) + int(stats[pid][12])
-            todo.extend(children.get(pid, ()))
-        return total / tick
 
 
 def mlserver(tuning: str, folder: Path) -> tuple[TreeProcess, str]:

@@ -46,6 +46,30 @@ def announce(path: Path | str | None, component: str, **addresses: object) -> No
     os.replace(partial, path)
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds used so far by process ``pid`` and all its running descendants, plus its
+    children that have exited and been waited for (Linux)."""
+    stats: dict[int, list[str]] = {}
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    ticks = sum(int(f) for f in stats[pid][13:15]) if pid in stats else 0  # cutime, cstime: waited-for children
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        if current in stats:
+            ticks += int(stats[current][11]) + int(stats[current][12])  # utime, stime
+        todo.extend(children.get(current, ()))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 class ChildError(RuntimeError):
     """A child did not start (it exited, or did not announce itself in time)."""
 
@@ -210,21 +234,8 @@ class Child:
         self._cleanup(timeout=0)
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU time the child and its own running children (a gateway's workers) have used so
-        far, plus that of its children that have exited and been waited for (Linux)."""
-        ticks = 0
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(entry.name) == self.proc.pid:
-                ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
-            elif int(fields[1]) == self.proc.pid:
-                ticks += int(fields[11]) + int(fields[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
+        """CPU time of the child and everything it runs (a gateway's workers, a replica's model workers)."""
+        return tree_cpu_seconds(self.proc.pid)
 
     def rss_mib(self, peak: bool = False) -> float:
         """Resident memory now (or its peak so far), in MiB (Linux)."""

@@ -85,6 +85,8 @@ def test_sigterm_drains_every_worker_and_exits_cleanly(iris_replica) -> None:
     gateway = two_workers(iris_replica)
     workers = wait_for(lambda: children_of(gateway.pid) if len(children_of(gateway.pid)) == 2 else None)
     os.kill(gateway.pid, signal.SIGTERM)
+    gateway.wait_log("draining for", timeout=20)
+    os.kill(gateway.pid, signal.SIGTERM)  # repeated during the drain (as kubelet and people do): still a clean stop
     assert gateway.terminate(30) == 0, gateway.log
     assert not any(alive(pid) for pid in workers)
     assert gateway.log.count("draining for 0.5s") == 2, gateway.log

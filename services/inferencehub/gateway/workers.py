@@ -156,11 +156,13 @@ async def supervise(settings: GatewaySettings, count: int) -> int:
         announce(settings.listen_file, "gateway", http=f"{settings.host}:{port}", workers=pids)
         return await _watch(workers, stopping, run_dir)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await _stop(workers, settings.drain_seconds + settings.grace_seconds + STOP_MARGIN_SECONDS)
-        reserved.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        try:  # the handlers stay while the workers drain: a repeated SIGTERM must not end this process early
+            await _stop(workers, settings.drain_seconds + settings.grace_seconds + STOP_MARGIN_SECONDS)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            reserved.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def _wait_listening(workers: list[Worker], stopping: asyncio.Event, timeout: float = 120.0) -> None:

@@ -26,11 +26,12 @@ run: $(MODELS)
 	$(VENV)/bin/inferencehub up --models build/models
 
 # The system tests wait on processes and sockets more than they compute: SYSTEM_WORKERS pytest workers share
-# them, a module at a time each (a module's servers and its order stay together).
+# them, a module at a time each (a module's servers and its order stay together; the benchmarks one each), the
+# longest first (tests/system/conftest.py).
 SYSTEM_WORKERS ?= 3
 test: lint tools docs
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider
-	$(PY) -m pytest tests/system -n $(SYSTEM_WORKERS) --dist loadfile
+	$(PY) -m pytest tests/system -n $(SYSTEM_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # The docs site (mkdocs.yml), strict: a broken link or anchor fails it. build/ is not committed.
 .PHONY: docs

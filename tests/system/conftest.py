@@ -48,6 +48,38 @@ TEST_MODELS = ROOT / "tests" / "system" / "models"
 EXAMPLE_MODELS = ROOT / "examples" / "models"
 
 
+# The modules that take longest, longest first (``pytest --durations=0`` on 2 cores). ``make test`` runs this tier
+# in xdist workers that take units of work in collection order (``--dist loadgroup --no-loadscope-reorder``):
+# starting the long ones first keeps one of them from running alone at the end.
+LONGEST_FIRST = [
+    "test_benchmarks",
+    "test_local_system",
+    "test_load_balancing",
+    "test_jobs_failures",
+    "test_up_supervision",
+    "test_streaming_gateway",
+    "test_tls",
+    "test_model_control",
+    "test_openapi",
+    "test_jobs",
+    "test_tracing",
+    "test_streaming_replica",
+    "test_chart_jobs",
+    "test_gateway_workers",
+]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A module is one unit of work for xdist's workers (its servers and its order stay together) unless its tests
+    name groups of their own (``xdist_group``); the longest modules first."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: each module keeps its order
+
+
 def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
     """Poll ``condition`` until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout
@@ -134,6 +166,11 @@ def health_status(target: str, service: str = "", timeout: float = 2.0) -> str:
             health_pb2.HealthCheckRequest(service=service), timeout=timeout
         )
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def failed_start(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a replica that is expected to stop at start-up (exit code 2 for a bad configuration); its output."""
+    return subprocess.run(inference_command(*args), capture_output=True, text=True, timeout=timeout)
 
 
 class Server(Child):
@@ -521,6 +558,35 @@ def dns() -> Iterator[tuple[DnsRecords, int]]:
         yield records, port
 
 
+def dns_target(dns_port: int, port: int) -> str:
+    """The gateway's upstream for replicas behind the tests' DNS server, as for a headless Service."""
+    return f"dns://127.0.0.1:{dns_port}/{HEADLESS_NAME.rstrip('.')}:{port}"
+
+
+@contextlib.contextmanager
+def replicas_behind_dns(
+    tmp: Path, records: DnsRecords, *args: str, count: int = 3, kind: type[Replica] = Replica
+) -> Iterator[dict[str, Replica]]:
+    """``count`` replicas of the test model ``fast`` on one port, named r1.. on 127.0.0.2.., serving, with ``records``
+    pointing at them (a headless Service's DNS); ``args`` go to each. A test may add more (same port); every one
+    is killed at the end."""
+    repo = model_repository(tmp / "repository", TEST_MODELS / "fast")
+    replicas: dict[str, Replica] = {}
+    try:
+        first = replicas["r1"] = kind("--models", str(repo), *args, "--replica-name", "r1", host="127.0.0.2")
+        for i in range(2, count + 1):
+            replicas[f"r{i}"] = kind(
+                "--models", str(repo), *args, "--replica-name", f"r{i}", host=f"127.0.0.{i + 1}", port=first.port
+            )
+        for replica in replicas.values():
+            replica.wait_serving()
+        records.addresses = [f"127.0.0.{i + 1}" for i in range(1, count + 1)]
+        yield replicas
+    finally:
+        for replica in replicas.values():
+            replica.kill()
+
+
 class Load:
     """Requests through the gateway from a few threads until stopped (bounded by ``seconds``)."""
 
@@ -609,6 +675,37 @@ def helm(version: str, *args: str, check: bool = True) -> subprocess.CompletedPr
     if check:
         assert done.returncode == 0, done.stderr
     return done
+
+
+def validate_strictly(objects: list[dict], kubernetes: str) -> None:
+    """Every rendered object against the Kubernetes version's schema, strictly (no unknown field); objects of
+    CRDs the schemas lack: a ServiceMonitor's endpoint, an HTTPRoute's fields (check_http_route); cert-manager's
+    are the chart access tests' to check."""
+    for obj in objects:
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            assert obj["kind"] == "ServiceMonitor" and obj["spec"]["endpoints"][0]["path"] == "/metrics"
+        elif obj["apiVersion"].startswith("gateway.networking.k8s.io/"):
+            check_http_route(obj)
+        elif obj["apiVersion"] != "cert-manager.io/v1":
+            kubernetes_validate.validate(obj, kubernetes, strict=True)
+
+
+def check_http_route(route: dict) -> None:
+    """The fields of gateway.networking.k8s.io/v1 HTTPRoute the chart writes, as the v1 CRD defines them."""
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1" and route["kind"] == "HTTPRoute"
+    spec = route["spec"]
+    assert set(spec) <= {"parentRefs", "hostnames", "rules"}
+    assert spec["parentRefs"] and all(
+        set(ref) <= {"group", "kind", "name", "namespace", "sectionName", "port"} for ref in spec["parentRefs"]
+    )
+    for rule in spec["rules"]:
+        assert set(rule) <= {"matches", "backendRefs", "timeouts", "filters"}
+        for match in rule["matches"]:
+            assert match["path"]["type"] in ("PathPrefix", "Exact") and match["path"]["value"].startswith("/")
+        for ref in rule["backendRefs"]:
+            assert set(ref) == {"name", "port"} and 1 <= ref["port"] <= 65535
+        for key, value in rule.get("timeouts", {}).items():
+            assert key in ("request", "backendRequest") and re.fullmatch(r"([0-9]{1,5}(h|m|s|ms)){1,4}", value)
 
 
 def render(version: str = "helm3", values: list[str] | None = None) -> list[dict]:

@@ -27,6 +27,7 @@ from conftest import (
     http_status,
     one,
     render,
+    validate_strictly,
     wait_for,
     without_random_passwords,
 )
@@ -133,32 +134,7 @@ def test_helm_3_and_4_render_the_same_objects(rendered, values):
 @pytest.mark.parametrize("kubernetes", KUBERNETES)
 @pytest.mark.parametrize("values", VALUE_SETS)
 def test_every_object_passes_strict_schema_validation(rendered, values, kubernetes):
-    for obj in rendered[values]:
-        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
-            assert obj["kind"] == "ServiceMonitor" and obj["spec"]["endpoints"][0]["path"] == "/metrics"
-            continue
-        if obj["apiVersion"].startswith("gateway.networking.k8s.io/"):
-            check_http_route(obj)
-            continue
-        kubernetes_validate.validate(obj, kubernetes, strict=True)
-
-
-def check_http_route(route: dict) -> None:
-    """The fields of gateway.networking.k8s.io/v1 HTTPRoute the chart writes, as the v1 CRD defines them."""
-    assert route["apiVersion"] == "gateway.networking.k8s.io/v1" and route["kind"] == "HTTPRoute"
-    spec = route["spec"]
-    assert set(spec) <= {"parentRefs", "hostnames", "rules"}
-    assert spec["parentRefs"] and all(
-        set(ref) <= {"group", "kind", "name", "namespace", "sectionName", "port"} for ref in spec["parentRefs"]
-    )
-    for rule in spec["rules"]:
-        assert set(rule) <= {"matches", "backendRefs", "timeouts", "filters"}
-        for match in rule["matches"]:
-            assert match["path"]["type"] in ("PathPrefix", "Exact") and match["path"]["value"].startswith("/")
-        for ref in rule["backendRefs"]:
-            assert set(ref) == {"name", "port"} and 1 <= ref["port"] <= 65535
-        for key, value in rule.get("timeouts", {}).items():
-            assert key in ("request", "backendRequest") and re.fullmatch(r"([0-9]{1,5}(h|m|s|ms)){1,4}", value)
+    validate_strictly(rendered[values], kubernetes)
 
 
 def test_the_value_sets_render_what_they_turn_on(rendered):

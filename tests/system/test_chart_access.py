@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import grpc
-import kubernetes_validate
 import pytest
 from dnslib.server import DNSLogger, DNSServer
 from pki import CA
@@ -30,6 +29,7 @@ from conftest import (
     http_status,
     one,
     render,
+    validate_strictly,
     wait_for,
     without_random_passwords,
 )
@@ -141,10 +141,7 @@ def test_helm_3_and_4_render_the_same_objects(rendered, values):
 @pytest.mark.parametrize("kubernetes", KUBERNETES)
 @pytest.mark.parametrize("values", VALUE_SETS)
 def test_every_object_passes_strict_schema_validation(rendered, values, kubernetes):
-    for obj in rendered[values]:
-        if obj["apiVersion"] == "cert-manager.io/v1":
-            continue  # a CRD: checked field by field below
-        kubernetes_validate.validate(obj, kubernetes, strict=True)
+    validate_strictly(rendered[values], kubernetes)  # cert-manager's objects: checked field by field below
 
 
 def test_the_defaults_render_nothing_of_this(rendered):

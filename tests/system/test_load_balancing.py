@@ -17,15 +17,16 @@ import time
 
 import pytest
 
-from conftest import HEADLESS_NAME as NAME
 from conftest import (
     TEST_MODELS,
     Gateway,
     Load,
     Replica,
+    dns_target,
     drill,
     health_status,
     model_repository,
+    replicas_behind_dns,
     served_by,
     wait_for,
 )
@@ -36,82 +37,55 @@ POLICIES = ["round_robin", "weighted_round_robin"]
 @pytest.mark.parametrize("policy", POLICIES)
 def test_spread_discovery_and_failure_drills(tmp_path, dns, policy):
     records, dns_port = dns
-    repo = model_repository(tmp_path, TEST_MODELS / "fast")
-    args = (
-        "--models",
-        str(repo),
-        "--max-connection-age-seconds",
-        "2",
-        "--drain-seconds",
-        "1.5",
-    )
-    replicas: dict[str, Replica] = {}
-    gateway = None
-    try:
-        first = Replica(*args, "--replica-name", "r1", host="127.0.0.2")
-        replicas["r1"] = first
-        for i in (2, 3):
-            replicas[f"r{i}"] = Replica(*args, "--replica-name", f"r{i}", host=f"127.0.0.{i + 1}", port=first.port)
-        for replica in replicas.values():
-            replica.wait_serving()
-        records.addresses = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-        gateway = Gateway(f"dns://127.0.0.1:{dns_port}/{NAME.rstrip('.')}:{first.port}", "--balancing", policy)
+    args = ("--max-connection-age-seconds", "2", "--drain-seconds", "1.5")
+    with replicas_behind_dns(tmp_path, records, *args) as replicas:
+        port = replicas["r1"].port
+        gateway = Gateway(dns_target(dns_port, port), "--balancing", policy)
+        try:
+            # Equal replicas: every replica serves, evenly, under either policy.
+            wait_for(lambda: len(served_by(gateway, 6)) == 3, timeout=15, what="all three replicas to serve")
+            spread = served_by(gateway, 90)
+            assert set(spread) == {"r1", "r2", "r3"}
+            assert min(spread.values()) >= 20, spread
 
-        # Equal replicas: every replica serves, evenly, under either policy.
-        wait_for(lambda: len(served_by(gateway, 6)) == 3, timeout=15, what="all three replicas to serve")
-        spread = served_by(gateway, 90)
-        assert set(spread) == {"r1", "r2", "r3"}
-        assert min(spread.values()) >= 20, spread
+            # A new replica added to the records gets traffic within a few seconds.
+            repo = model_repository(tmp_path / "r4", TEST_MODELS / "fast")
+            replicas["r4"] = Replica("--models", str(repo), *args, "--replica-name", "r4", host="127.0.0.5", port=port)
+            replicas["r4"].wait_serving()
+            records.addresses = [*records.addresses, "127.0.0.5"]
+            added = time.monotonic()
+            wait_for(lambda: "r4" in served_by(gateway, 8), timeout=20, interval=0.2, what="r4 to serve")
+            assert time.monotonic() - added < 20
 
-        # A new replica added to the records gets traffic within a few seconds.
-        replicas["r4"] = Replica(*args, "--replica-name", "r4", host="127.0.0.5", port=first.port).wait_serving()
-        records.addresses = [*records.addresses, "127.0.0.5"]
-        added = time.monotonic()
-        wait_for(lambda: "r4" in served_by(gateway, 8), timeout=20, interval=0.2, what="r4 to serve")
-        assert time.monotonic() - added < 20
-
-        # Failure drills under load: SIGKILL, SIGTERM, SIGSTOP.
-        for name, sig in (("r1", signal.SIGKILL), ("r2", signal.SIGTERM), ("r3", signal.SIGSTOP)):
-            drill(gateway, replicas[name].proc, sig)
-        assert replicas["r2"].proc.wait(10) == 0  # SIGTERM drained and exited cleanly
-        assert served_by(gateway, 10) == {"r4": 10}
-    finally:
-        if gateway is not None:
+            # Failure drills under load: SIGKILL, SIGTERM, SIGSTOP.
+            for name, sig in (("r1", signal.SIGKILL), ("r2", signal.SIGTERM), ("r3", signal.SIGSTOP)):
+                drill(gateway, replicas[name].proc, sig)
+            assert replicas["r2"].proc.wait(10) == 0  # SIGTERM drained and exited cleanly
+            assert served_by(gateway, 10) == {"r4": 10}
+        finally:
             gateway.stop()
-        for replica in replicas.values():
-            replica.kill()
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_a_replica_added_to_dns_serves_within_10_seconds(tmp_path, dns, policy):
     """With the replicas' default max connection age, a new address in DNS gets calls within 10 s."""
     records, dns_port = dns
-    repo = model_repository(tmp_path, TEST_MODELS / "fast")
-    replicas: list[Replica] = []
-    gateway = None
-    try:
-        first = Replica("--models", str(repo), "--replica-name", "r1", host="127.0.0.2")
-        replicas.append(first)
-        replicas.append(Replica("--models", str(repo), "--replica-name", "r2", host="127.0.0.3", port=first.port))
-        for replica in replicas:
-            replica.wait_serving()
-        records.addresses = ["127.0.0.2", "127.0.0.3"]
-        gateway = Gateway(f"dns://127.0.0.1:{dns_port}/{NAME.rstrip('.')}:{first.port}", "--balancing", policy)
-        wait_for(lambda: len(served_by(gateway, 4)) == 2, timeout=15, what="both replicas to serve")
-
-        new = Replica("--models", str(repo), "--replica-name", "r3", host="127.0.0.4", port=first.port)
-        replicas.append(new.wait_serving())
-        records.addresses = [*records.addresses, "127.0.0.4"]
-        added = time.monotonic()
-        wait_for(lambda: "r3" in served_by(gateway, 4), timeout=15, interval=0.1, what="r3 to serve")
-        took = time.monotonic() - added
-        print(f"{policy}: r3 served {took:.1f}s after it appeared in DNS")
-        assert took < 10, f"the new replica served only after {took:.1f}s"
-    finally:
-        if gateway is not None:
+    with replicas_behind_dns(tmp_path, records, count=2) as replicas:
+        port = replicas["r1"].port
+        gateway = Gateway(dns_target(dns_port, port), "--balancing", policy)
+        try:
+            wait_for(lambda: len(served_by(gateway, 4)) == 2, timeout=15, what="both replicas to serve")
+            repo = model_repository(tmp_path / "r3", TEST_MODELS / "fast")
+            replicas["r3"] = Replica("--models", str(repo), "--replica-name", "r3", host="127.0.0.4", port=port)
+            replicas["r3"].wait_serving()
+            records.addresses = [*records.addresses, "127.0.0.4"]
+            added = time.monotonic()
+            wait_for(lambda: "r3" in served_by(gateway, 4), timeout=15, interval=0.1, what="r3 to serve")
+            took = time.monotonic() - added
+            print(f"{policy}: r3 served {took:.1f}s after it appeared in DNS")
+            assert took < 10, f"the new replica served only after {took:.1f}s"
+        finally:
             gateway.stop()
-        for replica in replicas:
-            replica.kill()
 
 
 def slow_model(tmp_path, ms: int):

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from inferencehub.errors import ConfigError
 from inferencehub.inference.repository import load_repository
 
-from conftest import EXAMPLE_MODELS, SHIPPED
+from conftest import EXAMPLE_MODELS, SHIPPED, failed_start
 
 GOOD = {
     "name": "m",
@@ -99,24 +97,7 @@ def test_server_refuses_to_start_with_a_bad_config(tmp_path):
     source = tmp_path / "m" / "config.json"
     source.parent.mkdir()
     source.write_text(json.dumps({**GOOD, "inputs": [{"name": "input", "datatype": "FP32", "shape": [0]}]}))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "inferencehub.inference",
-            "--models",
-            str(tmp_path),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--host",
-            "127.0.0.1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = failed_start("--models", str(tmp_path), timeout=30)
     assert done.returncode == 2
     assert f"{source}: inputs[0].shape:" in done.stderr
     assert "Traceback" not in done.stderr
@@ -134,26 +115,7 @@ def test_model_that_fails_to_load_stops_start_up(tmp_path):
     (folder / "config.json").write_text(
         json.dumps({**GOOD, "name": "broken", "runtime": "python", "parameters": {"class": "broken_model:Broken"}})
     )
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "inferencehub.inference",
-            "--models",
-            str(tmp_path),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--host",
-            "127.0.0.1",
-            "--processes",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = failed_start("--models", str(tmp_path), "--processes", "1", timeout=60)
     assert done.returncode == 2
     assert "broken/config.json: model 'broken' failed to load" in done.stderr
     assert "weights are corrupt" in done.stderr

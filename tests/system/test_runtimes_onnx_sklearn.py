@@ -29,7 +29,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from inferencehub.errors import ConfigError
 from inferencehub.inference.repository import load_repository
 
-from conftest import ROOT, Gateway, Replica, build_example_models, sample_value, scrape
+from conftest import ROOT, Gateway, Replica, build_example_models, failed_start, sample_value, scrape
 
 DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64}
 
@@ -447,22 +447,7 @@ def test_a_replica_with_a_contradicting_config_does_not_start(tmp_path, built):
         )
         / "config.json"
     )
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "inferencehub.inference",
-            "--models",
-            str(tmp_path),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = failed_start("--models", str(tmp_path), timeout=120)
     assert done.returncode == 2, done.stderr
     assert (
         f"{source}: inputs[0].datatype: FP64 does not fit input 'features' of model.onnx, which is FP32" in done.stderr

@@ -27,9 +27,11 @@ from conftest import (
     TEST_MODELS,
     Gateway,
     Replica,
+    dns_target,
     drill,
     health_status,
     model_repository,
+    replicas_behind_dns,
     served_by,
     wait_for,
 )
@@ -448,43 +450,22 @@ def test_bad_tls_settings_stop_start_up_with_a_clear_error(pki, tmp_path, which,
 def test_load_balancing_and_failure_drills_over_tls(pki, tmp_path, dns):
     """test_load_balancing.py's spread and SIGKILL/SIGTERM drills, every hop over mutual TLS."""
     records, dns_port = dns
-    repo = model_repository(tmp_path, TEST_MODELS / "fast")
-    args = (
-        "--models",
-        str(repo),
-        "--max-connection-age-seconds",
-        "2",
-        "--drain-seconds",
-        "1.5",
-        *pki.replica_args(),
-    )
-    replicas: dict[str, Replica] = {}
-    gateway = None
-    try:
-        first = TlsReplica(*args, "--replica-name", "r1", host="127.0.0.2")
-        replicas["r1"] = first
-        for i in (2, 3):
-            replicas[f"r{i}"] = TlsReplica(*args, "--replica-name", f"r{i}", host=f"127.0.0.{i + 1}", port=first.port)
-        for replica in replicas.values():
-            replica.wait_serving()
-        records.addresses = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    args = ("--max-connection-age-seconds", "2", "--drain-seconds", "1.5", *pki.replica_args())
+    with replicas_behind_dns(tmp_path, records, *args, kind=TlsReplica) as replicas:
         # The name the gateway checks is the one it resolves, as with a headless Service.
-        gateway = Gateway(f"dns://127.0.0.1:{dns_port}/{NAME.rstrip('.')}:{first.port}", *pki.gateway_args())
+        gateway = Gateway(dns_target(dns_port, replicas["r1"].port), *pki.gateway_args())
+        try:
+            wait_for(lambda: len(served_by(gateway, 6)) == 3, timeout=15, what="all three replicas to serve")
+            spread = served_by(gateway, 90)
+            assert set(spread) == {"r1", "r2", "r3"}
+            assert min(spread.values()) >= 20, spread
 
-        wait_for(lambda: len(served_by(gateway, 6)) == 3, timeout=15, what="all three replicas to serve")
-        spread = served_by(gateway, 90)
-        assert set(spread) == {"r1", "r2", "r3"}
-        assert min(spread.values()) >= 20, spread
-
-        for name, sig in (("r1", signal.SIGKILL), ("r2", signal.SIGTERM)):
-            drill(gateway, replicas[name].proc, sig)
-        assert replicas["r2"].proc.wait(10) == 0
-        assert served_by(gateway, 10) == {"r3": 10}
-    finally:
-        if gateway is not None:
+            for name, sig in (("r1", signal.SIGKILL), ("r2", signal.SIGTERM)):
+                drill(gateway, replicas[name].proc, sig)
+            assert replicas["r2"].proc.wait(10) == 0
+            assert served_by(gateway, 10) == {"r3": 10}
+        finally:
             gateway.stop()
-        for replica in replicas.values():
-            replica.kill()
 
 
 def test_the_readme_grpcurl_commands_work_as_written(pki, tls_replica, tmp_path):

@@ -31,7 +31,7 @@ run: $(MODELS)
 SYSTEM_WORKERS ?= 3
 test: lint tools docs
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider
-	$(PY) -m pytest tests/system -n $(SYSTEM_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest tests/system -n $(SYSTEM_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The docs site (mkdocs.yml), strict: a broken link or anchor fails it. build/ is not committed.
 .PHONY: docs

@@ -49,8 +49,8 @@ EXAMPLE_MODELS = ROOT / "examples" / "models"
 
 
 # The modules that take longest, longest first (``pytest --durations=0`` on 2 cores). ``make test`` runs this tier
-# in xdist workers that take units of work in collection order (``--dist loadgroup --no-loadscope-reorder``):
-# starting the long ones first keeps one of them from running alone at the end.
+# in xdist workers that take units of work in collection order (``--no-loadscope-reorder``): starting the long
+# ones first keeps one of them from running alone at the end.
 LONGEST_FIRST = [
     "test_benchmarks",
     "test_local_system",
@@ -67,17 +67,27 @@ LONGEST_FIRST = [
     "test_chart_jobs",
     "test_gateway_workers",
 ]
+# Modules whose tests share nothing: each test a unit of work of its own (the benchmarks run side by side).
+EACH_TEST_A_UNIT = {"test_benchmarks"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A module is one unit of work for xdist's workers (its servers and its order stay together) unless its tests
-    name groups of their own (``xdist_group``); the longest modules first."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    """The longest modules first; each module keeps its own order."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: each module keeps its order
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's scheduler by scope, the scope being the module (its servers and its order stay together) or, in
+    EACH_TEST_A_UNIT, the test. (xdist's own ``loadgroup`` cannot group by mark under this pytest.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return nodeid if Path(module).stem in EACH_TEST_A_UNIT else module
+
+    return ByModule(config, log)
 
 
 def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):

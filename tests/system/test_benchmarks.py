@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end (quick mode: short runs, no timing assertions).
 
-Each benchmark is a test of its own, in an xdist group of its own: ``make test``'s workers run them side by side
-rather than one after another in a single test."""
+Each benchmark is a test of its own and a unit of work of its own for ``make test``'s workers (conftest's
+EACH_TEST_A_UNIT): they run side by side rather than one after another in a single test."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def run_quick(name: str, out) -> str:
 
 
 @pytest.mark.timeout(330)
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(f"benchmark-{n}")) for n in ORDER])
+@pytest.mark.parametrize("name", ORDER)
 def test_the_benchmark_runs_and_writes_a_table_a_plot_and_a_verdict(name, tmp_path):
     assert sorted(ORDER) == sorted(BENCHMARKS)
     printed = run_quick(name, tmp_path)

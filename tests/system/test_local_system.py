@@ -277,6 +277,7 @@ def test_readme_quick_start_is_two_commands_that_exist():
     assert re.search(r"^run:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
 
 
+@pytest.mark.timeout(300)  # builds the example models, starts `up` with every model, runs a dozen commands
 def test_readme_commands_work_as_written(tmp_path):
     """Every shell command in the README after the quick start and in the docs pages that tell a newcomer what to
     run locally, run against a live `up` (addresses substituted); the cluster pages' make targets exist."""

@@ -64,6 +64,7 @@ class StreamMetrics:
             "Client streams (generate, generate_stream, OpenAI completions) open now, by model.",
             ["model"],
             registry=registry,
+            multiprocess_mode="livesum",  # with --workers: the whole gateway's, as its other gauges
         )
         self.first_token = Histogram(
             "inferencehub_gateway_time_to_first_token_seconds",
@@ -117,18 +118,31 @@ class StreamWindow:
         if len(samples) < 1000:
             samples.append(seconds)
 
-    def json(self) -> dict[str, Any]:
+    def part(self) -> dict[str, Any]:
+        """This process's last minute: counts and time-to-first-token samples (seconds), to be summed with other
+        workers' parts (``summary``)."""
         now = int(time.monotonic())
         recent = [b for s, b in self.seconds.items() if now - WINDOW_SECONDS < s <= now]
-        tokens = sum(b[2] for b in recent)
         return {
             "open": self.open,
             "started": sum(b[0] for b in recent),
             "errors": sum(b[1] for b in recent),
-            "tokens": tokens,
-            "tokens_per_second": tokens / WINDOW_SECONDS,
-            "time_to_first_token_ms": percentiles_ms([t for b in recent for t in b[3]], "p50", "p99"),
+            "tokens": sum(b[2] for b in recent),
+            "first_token_seconds": [t for b in recent for t in b[3]],
         }
+
+
+def summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The live page's stream panel (``/status.json`` ``streams``) from one or more processes' ``part()``s."""
+    tokens = sum(p["tokens"] for p in parts)
+    return {
+        "open": sum(p["open"] for p in parts),
+        "started": sum(p["started"] for p in parts),
+        "errors": sum(p["errors"] for p in parts),
+        "tokens": tokens,
+        "tokens_per_second": tokens / WINDOW_SECONDS,
+        "time_to_first_token_ms": percentiles_ms([t for p in parts for t in p["first_token_seconds"]], "p50", "p99"),
+    }
 
 
 @dataclass

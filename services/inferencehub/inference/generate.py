@@ -54,6 +54,7 @@ from inferencehub import logs
 from inferencehub.errors import InferenceHubError, ModelError, ModelNotReady
 from inferencehub.inference import pipeline
 from inferencehub.inference.engine import ServedModel, State
+from inferencehub.inference.metrics import UNKNOWN_MODEL
 from inferencehub.inference.servicer import InferenceServicer, caller_request_id
 from inferencehub.inference.statistics import Timing
 from inferencehub.metadata import REPLICA_KEY
@@ -335,6 +336,9 @@ class StreamingServicer(InferenceServicer):
 
     def _finish(self, served: ServedModel | None, timing: Timing, span, code: grpc.StatusCode) -> None:
         done = time.perf_counter_ns()
+        # One request in inferencehub_inference_requests_total, with its outcome, as a ModelInfer call (and as
+        # Triton counts every request, streamed or not); the duration histogram stays unary calls' latency.
+        self._metrics_for(UNKNOWN_MODEL if served is None else served.config.name).count(code)
         stats = served.stats if served is not None else None
         if served is not None and stats is not None:
             # A generation that succeeds is one inference and one execution (as a unary model call that returns):

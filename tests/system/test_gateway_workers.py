@@ -117,13 +117,13 @@ def test_status_counts_every_workers_token_streams(iris_replica) -> None:
         for _ in range(4):
             assert gateway.request("GET", "/status.json").json()["streams"]["open"] == OPEN_STREAMS
             assert open_streams(gateway) == OPEN_STREAMS
-    finally:
-        for conn in held:
+        for conn in held:  # hang up: every worker's streams close, and the sums say so
             conn.close()
-    try:
         wait_for(lambda: open_streams(gateway) == 0, timeout=10, what="the hung-up streams to close")
         assert gateway.request("GET", "/status.json").json()["streams"]["open"] == 0
     finally:
+        for conn in held:
+            conn.close()
         gateway.stop()
 
 

@@ -2,7 +2,7 @@
 the wire."""
 
 REQUEST_ID_KEY = "x-request-id"  # the caller's request id, gateway -> replica, logged on both sides
-REPLICA_KEY = "x-inferencehub-replica"  # the replica that served a call, in its trailing metadata
+REPLICA_KEY = "x-inferencehub-replica"  # the replica serving a call: in its trailers (and a stream's headers)
 QUEUE_DEPTH_KEY = "x-inferencehub-queue-depth"  # requests waiting in a replica's queues, in ServerLive's trailers
 # The replica's load as a serialized xds.data.orca.v3.OrcaLoadReport, in its trailing metadata; read by
 # gRPC's weighted_round_robin policy (the name is gRPC's, fixed by the ORCA per-call protocol).

@@ -1,13 +1,17 @@
 """``--workers N``: several gateway processes on one port, supervised by the gateway's main process.
 
-Real processes on loopback: a replica serving the shipped ``iris``, a gateway with two workers. Both workers
-serve traffic on the one port, one scrape of /metrics and one /status.json see the whole gateway, and the
-workers end with their parent: SIGKILL of the parent leaves none, SIGTERM drains every worker.
+Real processes on loopback: a replica serving the shipped ``iris`` and ``mock-llm``, a gateway with two workers.
+Both workers serve traffic (requests and token streams) on the one port, one scrape of /metrics and one
+/status.json see the whole gateway, and the workers end with their parent: SIGKILL of the parent leaves none,
+SIGTERM drains every worker.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -23,7 +27,7 @@ from conftest import (
     Replica,
     alive,
     children_of,
-    model_repository,
+    mock_llm_repository,
     sample_value,
     wait_for,
 )
@@ -34,7 +38,9 @@ INFER_ROUTE = "/v2/models/{model}/infer"
 
 @pytest.fixture(scope="module")
 def iris_replica(tmp_path_factory) -> Iterator[Replica]:
-    server = Replica("--models", str(model_repository(tmp_path_factory.mktemp("models"), SHIPPED / "iris")))
+    repo = mock_llm_repository(tmp_path_factory.mktemp("models"))
+    (repo / "iris").symlink_to(SHIPPED / "iris")
+    server = Replica("--models", str(repo))
     try:
         yield server.wait_serving()
     finally:
@@ -68,6 +74,56 @@ def test_two_workers_share_the_port_and_one_scrape_and_status_see_both(iris_repl
             assert counted == REQUESTS
             assert sample_value(text, "inferencehub_gateway_request_duration_seconds_count", route=INFER_ROUTE)
     finally:
+        gateway.stop()
+
+
+STREAMS = 12
+OPEN_STREAMS = 6
+
+
+def open_streams(gateway: Gateway) -> float:
+    """The open-stream gauge of one scrape: one series for the whole gateway (no per-worker ``pid`` label)."""
+    text = gateway.request("GET", "/metrics").body.decode()
+    found = re.findall(r'^inferencehub_gateway_open_streams\{model="mock-llm"\} (\S+)$', text, re.MULTILINE)
+    assert len(found) == 1, [line for line in text.splitlines() if line.startswith("inferencehub_gateway_open_s")]
+    return float(found[0])
+
+
+def test_status_counts_every_workers_token_streams(iris_replica) -> None:
+    gateway = two_workers(iris_replica)
+    held: list[http.client.HTTPConnection] = []
+    try:
+        wait_for(lambda: len(children_of(gateway.pid)) == 2)
+        for _ in range(STREAMS):  # a new connection each, as above: both workers get some
+            response = gateway.request(
+                "POST", "/v2/models/mock-llm/generate_stream", {"text_input": "many workers", "max_tokens": 3}
+            )
+            assert response.status == 200 and response.body.count(b"data:") == 3, response
+        for _ in range(4):  # whichever worker answers, it counts both workers' streams
+            status = gateway.request("GET", "/status.json").json()
+            streams = status["streams"]
+            assert (streams["started"], streams["errors"], streams["tokens"]) == (STREAMS, 0, 3 * STREAMS), streams
+            assert streams["time_to_first_token_ms"]["p50"] > 0
+            assert all(w["streams"] > 0 for w in status["workers"]), status["workers"]  # both served streams
+            assert sum(w["streams"] for w in status["workers"]) == STREAMS
+        for _ in range(OPEN_STREAMS):  # streams that stay open (about 20 s of tokens), each on its own connection
+            conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+            held.append(conn)
+            conn.request(
+                "POST", "/v2/models/mock-llm/generate_stream", json.dumps({"text_input": "x", "max_tokens": 4000})
+            )
+            answer = conn.getresponse()
+            assert answer.status == 200 and answer.readline().startswith(b"data:")
+        for _ in range(4):
+            assert gateway.request("GET", "/status.json").json()["streams"]["open"] == OPEN_STREAMS
+            assert open_streams(gateway) == OPEN_STREAMS
+        for conn in held:  # hang up: every worker's streams close, and the sums say so
+            conn.close()
+        wait_for(lambda: open_streams(gateway) == 0, timeout=10, what="the hung-up streams to close")
+        assert gateway.request("GET", "/status.json").json()["streams"]["open"] == 0
+    finally:
+        for conn in held:
+            conn.close()
         gateway.stop()
 
 

@@ -115,6 +115,25 @@ def test_chat_messages_become_the_documented_prompt(llm_gateway):
         assert chunks[-1].usage.total_tokens == len(prompt.split()) + 6
 
 
+def test_every_answer_streamed_or_not_names_the_replica_that_served_it(llm_gateway):
+    messages = [{"role": "user", "content": PROMPT}]
+    with client(llm_gateway) as sdk:
+        for stream in (False, True):
+            answers = [
+                sdk.completions.with_raw_response.create(model=MODEL, prompt=PROMPT, max_tokens=4, stream=stream),
+                sdk.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=messages, max_tokens=4, stream=stream
+                ),
+            ]
+            for raw in answers:
+                assert raw.headers["x-inferencehub-replica"] == "openai-replica", (stream, dict(raw.headers))
+                parsed = raw.parse()
+                if stream:
+                    assert len([c for c in parsed if c.choices]) == 5  # four tokens, then the finish reason
+                else:
+                    assert parsed.usage.completion_tokens == 4
+
+
 def test_stop_ends_the_completion_with_finish_reason_stop(llm_gateway):
     with client(llm_gateway) as sdk:
         words = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8).choices[0].text.split()

@@ -90,6 +90,7 @@ def test_generate_stream_with_curl_matches_generate(front):
     assert answer["content-type"].startswith("text/event-stream")
     assert answer["cache-control"] == "no-cache" and answer["x-accel-buffering"] == "no"
     assert len(answer["x-request-id"]) == 32
+    assert answer["x-inferencehub-replica"] == "llm-replica"  # named before the stream ends, as unary answers are
     assert len(events) == 6 and all(e["model_name"] == "mock-llm" for e in events)
     tokens = [e["text_output"] for e in events]
     assert all(t.startswith(" ") for t in tokens[1:]) and not tokens[0].startswith(" ")  # the contract's words

@@ -159,7 +159,25 @@ def test_stop_strings_cut_the_text_before_them(stream):
     assert parameters["completion_tokens"].int64_param == 5
 
 
-def test_bad_requests_are_error_messages_and_the_stream_stays_usable(stream):
+def requests_counted(replica: Replica) -> dict[tuple[str, str], float]:
+    text = scrape(replica)
+    return {
+        (model, code): sample_value(text, "inferencehub_inference_requests_total", model=model, code=code)
+        for model, code in (
+            ("llm-fast", "OK"),
+            ("llm-fast", "INVALID_ARGUMENT"),
+            ("_unknown", "NOT_FOUND"),
+            ("mock", "OK"),
+        )
+    } | {
+        ("llm-fast", "timed"): sample_value(
+            text, "inferencehub_inference_request_duration_seconds_count", model="llm-fast"
+        )
+    }
+
+
+def test_bad_requests_are_error_messages_and_the_stream_stays_usable(stream, llm_replica):
+    before = requests_counted(llm_replica)
     stream.send("llm-fast", llm_inputs("x", max_tokens=5000), request_id="big")
     [error] = stream.until_final()
     assert isinstance(error, InferenceServerException)
@@ -176,6 +194,12 @@ def test_bad_requests_are_error_messages_and_the_stream_stays_usable(stream):
     stream.send("llm-fast", llm_inputs("x", max_tokens=2), request_id="ok")
     got = stream.until_final()
     assert len(got) == 2 and final(got[-1]) and got[-1].get_response().id == "ok"
+    # Each request counts once, with its outcome, as a ModelInfer call does (a generation when it ends: after its
+    # last response is written, hence the wait); streams stay out of the unary latency histogram.
+    expected = {**before, ("llm-fast", "OK"): before["llm-fast", "OK"] + 1}
+    expected["llm-fast", "INVALID_ARGUMENT"] += 2
+    expected["_unknown", "NOT_FOUND"] += 1
+    wait_for(lambda: requests_counted(llm_replica) == expected, timeout=5, what=f"the requests counted: {expected}")
 
 
 def test_a_plain_generator_model_steps_in_the_pool_and_gets_an_empty_final_response(stream):
@@ -191,12 +215,14 @@ def test_a_plain_generator_model_steps_in_the_pool_and_gets_an_empty_final_respo
     assert isinstance(error, InferenceServerException) and "start" in str(error)
 
 
-def test_a_model_that_is_not_decoupled_answers_once_on_the_stream(stream):
+def test_a_model_that_is_not_decoupled_answers_once_on_the_stream(stream, llm_replica):
+    before = requests_counted(llm_replica)["mock", "OK"]
     tensor = triton.InferInput("input", [1, 2], "FP32")
     tensor.set_data_from_numpy(np.array([[1.0, 2.0]], dtype=np.float32))
     stream.send("mock", [tensor], request_id="u")
     [result] = stream.until_final()
     assert result.as_numpy("output").tolist() == [[1.0, 2.0]] and result.get_response().id == "u"
+    wait_for(lambda: requests_counted(llm_replica)["mock", "OK"] == before + 1, timeout=5, what="the request counted")
 
 
 def test_unary_infer_on_a_decoupled_model_is_invalid_argument_naming_the_alternatives(llm_replica):

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from inferencehub.errors import InvalidInput
-from inferencehub.gateway import openai_api, sse
+from inferencehub.gateway import openai_api, schema, sse
 from inferencehub.gateway.generate import final_fields, parse_generate_request
 from inferencehub.gateway.openai_api import Answer, OpenAIError, chat_prompt, parse_chat, parse_completion
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
@@ -94,7 +94,10 @@ def test_defaults_and_ignored_sampling_fields():
         ),
         ({"model": "m", "prompt": "x", "n": 2}, "n"),
         ({"model": "m", "prompt": "x", "echo": True}, "echo"),
+        ({"model": "m", "prompt": "x", "n": True}, "n"),  # equal to 1 in Python, but not OpenAI's default
+        ({"model": "m", "prompt": "x", "echo": 0}, "echo"),
         ({"model": "m", "prompt": "x", "frobnicate": 1}, "frobnicate"),
+        ({"model": "m", "messages": []}, "messages"),  # a chat field is not a completion's
     ],
 )
 def test_bad_completion_fields_are_named(doc, param):
@@ -102,6 +105,24 @@ def test_bad_completion_fields_are_named(doc, param):
         parse_completion(dumps(doc))
     assert caught.value.param == param and caught.value.status == 400
     assert param.split(".")[0] in str(caught.value)
+
+
+def test_the_fields_accepted_are_the_request_types_fields():
+    """Every field the OpenAPI document lists for a route is accepted at its default (the sampling ones whatever
+    their value), and a chat's max_tokens is checked even when max_completion_tokens wins."""
+    for request, parse, base in (
+        (schema.CompletionRequest, parse_completion, {"model": "m", "prompt": "x"}),
+        (schema.ChatCompletionRequest, parse_chat, {"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+    ):
+        fields = set(request.__struct_fields__)
+        assert set(openai_api.REFUSED) <= fields
+        for name in fields - set(base):
+            parse(dumps({**base, name: None}))
+        assert parse(dumps({**base, "temperature": "hot", "stream": True, "stream_options": {"include_usage": None}}))
+    with pytest.raises(OpenAIError) as caught:
+        parse_chat(dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0,
+                          "max_completion_tokens": 3}))  # fmt: skip
+    assert caught.value.param == "max_tokens"
 
 
 def test_bad_bodies_are_400():
@@ -128,6 +149,8 @@ def test_chat_messages_become_one_prompt():
         ([], "messages"),
         ("hello", "messages"),
         ([{"role": "wizard", "content": "x"}], "messages[0].role"),
+        ([{"role": {}, "content": "x"}], "messages[0].role"),  # not hashable: once a 500
+        ([{"role": ["user"], "content": "x"}], "messages[0].role"),
         ([{"role": "user", "content": 3}], "messages[0].content"),
         (
             [{"role": "user", "content": "ok"}, {"role": "user", "content": [{"type": "image_url"}]}],

@@ -296,16 +296,19 @@ async def status_json(request: web.Request) -> web.Response:
     state = request.app[STATE]
     ready = state.started and not state.draining
     window = request.app[TRAFFIC].window()
+    streams = [request.app[streaming.STREAMS].window.part()]
     workers: list[dict] = []
     run_dir = os.environ.get(RUN_DIR_ENV)
     if run_dir:  # one of several workers: the whole gateway's minute (see gateway.siblings)
-        own = siblings.window_part(window, ready=ready, draining=state.draining)
+        own = siblings.window_part(window, streams[0], ready=ready, draining=state.draining)
         others, _ = await siblings.gather(Path(run_dir), int(os.environ.get(WORKER_ENV, "0")))
         parts = [own, *others]
         window = siblings.merged(parts)
+        streams = [p["streams"] for p in parts]
         workers = sorted(
             (
-                {k: p[k] for k in ("pid", "ready", "draining")} | {"requests": sum(p["replicas"].values())}
+                {k: p[k] for k in ("pid", "ready", "draining")}
+                | {"requests": sum(p["replicas"].values()), "streams": p["streams"]["started"]}
                 for p in parts
             ),
             key=lambda w: w["pid"],
@@ -314,7 +317,7 @@ async def status_json(request: web.Request) -> web.Response:
     queue = request.app.get(JOBS)
     if queue is not None:
         body["jobs"] = await queue.recent_jobs()
-    body["streams"] = request.app[streaming.STREAMS].window.json()
+    body["streams"] = streaming.summary(streams)
     return web.json_response(body, headers={"Cache-Control": "no-store"})
 
 
@@ -494,13 +497,13 @@ async def serve(settings: GatewaySettings) -> None:
             refresher = asyncio.create_task(_refresh_metrics(metrics))
             state = app[STATE]
             traffic = app[TRAFFIC]
-            part_runner = await siblings.serve_part(
-                Path(run_dir),
-                int(os.environ.get(WORKER_ENV, "0")),
-                lambda: siblings.window_part(
-                    traffic.window(), ready=state.started and not state.draining, draining=state.draining
-                ),
-            )
+            streams = app[streaming.STREAMS].window
+
+            def part() -> dict:
+                ready = state.started and not state.draining
+                return siblings.window_part(traffic.window(), streams.part(), ready=ready, draining=state.draining)
+
+            part_runner = await siblings.serve_part(Path(run_dir), int(os.environ.get(WORKER_ENV, "0")), part)
         port = runner.addresses[0][1]
         log.info(
             "gateway %s listening: http://%s:%d, upstream %s",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ from aiohttp import web
 
 from inferencehub import logs
 from inferencehub.errors import InvalidInput
-from inferencehub.gateway import sse, streaming
+from inferencehub.gateway import schema, sse, streaming
 from inferencehub.gateway.deadlines import deadline
 from inferencehub.gateway.http_errors import HTTP_STATUS, upstream_error
 from inferencehub.gateway.keys import UPSTREAM
@@ -41,12 +42,9 @@ from inferencehub.tensors import serialize_bytes
 PREFIX = "/v1/"
 DEFAULT_MAX_TOKENS = 16
 MAX_STOP = 4
-IGNORED = frozenset(
-    {"temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "user", "logit_bias", "metadata",
-     "store", "service_tier", "top_k", "parallel_tool_calls", "reasoning_effort", "prompt_cache_key",
-     "safety_identifier", "modalities", "verbosity"}
-)  # fmt: skip
-REFUSED = {  # fields that would change what the answer holds, unless at their default
+# The fields each route accepts are its request type's in ``schema`` (the OpenAPI document's): OpenAI's sampling
+# fields are accepted and have no effect; these would change what the answer holds, unless at their default.
+REFUSED = {
     "n": 1,
     "best_of": 1,
     "echo": False,
@@ -61,11 +59,9 @@ REFUSED = {  # fields that would change what the answer holds, unless at their d
     "audio": None,
     "prediction": None,
 }
-COMPLETION_FIELDS = frozenset({"model", "prompt", "max_tokens", "stop", "stream", "stream_options"})
-CHAT_FIELDS = frozenset(
-    {"model", "messages", "max_tokens", "max_completion_tokens", "stop", "stream", "stream_options"}
-)
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+COMPLETION_FIELDS = frozenset(schema.CompletionRequest.__struct_fields__)
+CHAT_FIELDS = frozenset(schema.ChatCompletionRequest.__struct_fields__)
+ROLES = frozenset(typing.get_args(schema.Role))
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip
 
@@ -114,13 +110,12 @@ def _load(body: bytes) -> dict[str, Any]:
 
 def _check_fields(doc: dict[str, Any], allowed: frozenset[str]) -> None:
     for name, value in doc.items():
-        if name in allowed or name in IGNORED:
-            continue
-        if name in REFUSED:
-            if value is None or value == REFUSED[name]:
-                continue
-            raise OpenAIError(f"'{name}' is not supported by this server (only its default, {REFUSED[name]!r})", name)
-        raise OpenAIError(f"unrecognized request argument: '{name}'", name)
+        if name not in allowed:
+            raise OpenAIError(f"unrecognized request argument: '{name}'", name)
+        if name in REFUSED and value is not None:
+            default = REFUSED[name]
+            if value != default or type(value) is not type(default):  # true is not 1, nor 0 false
+                raise OpenAIError(f"'{name}' is not supported by this server (only its default, {default!r})", name)
 
 
 def _string(doc: dict[str, Any], name: str) -> str:
@@ -162,7 +157,9 @@ def _streaming(doc: dict[str, Any]) -> tuple[bool, bool]:
         raise OpenAIError("'stream_options' is only allowed when 'stream' is true", "stream_options")
     if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
         raise OpenAIError("'stream_options' may hold only 'include_usage' (true or false)", "stream_options")
-    include = options.get("include_usage", False)
+    include = options.get("include_usage")
+    if include is None:
+        include = False
     if not isinstance(include, bool):
         raise OpenAIError("'stream_options.include_usage' must be true or false", "stream_options.include_usage")
     return stream, include
@@ -194,7 +191,7 @@ def chat_prompt(messages: Any) -> str:
         if not isinstance(message, dict):
             raise OpenAIError(f"'{where}' must be an object with 'role' and 'content'", where)
         role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or object is no role (and not hashable)
             raise OpenAIError(f"'{where}.role' must be one of {', '.join(sorted(ROLES))}", f"{where}.role")
         if isinstance(content, list):
             parts = []
@@ -219,9 +216,11 @@ def parse_chat(body: bytes) -> Completion:
     _check_fields(doc, CHAT_FIELDS)
     model = _string(doc, "model")
     prompt = chat_prompt(doc.get("messages"))
-    name = "max_completion_tokens" if doc.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _max_tokens(doc, "max_tokens")
+    if doc.get("max_completion_tokens") is not None:  # OpenAI's newer name wins
+        max_tokens = _max_tokens(doc, "max_completion_tokens")
     stream, include_usage = _streaming(doc)
-    return Completion(model, prompt, _max_tokens(doc, name), _stop(doc), stream, include_usage, chat=True)
+    return Completion(model, prompt, max_tokens, _stop(doc), stream, include_usage, chat=True)
 
 
 def infer_request(completion: Completion, request_id: str) -> pb.ModelInferRequest:
@@ -435,7 +434,9 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
         if isinstance(message, str):
             code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(response.status)
             body = orjson.dumps(error_body(message, response.status, None, code))
-            headers = {k: v for k, v in response.headers.items() if k.lower() in ("retry-after", "www-authenticate")}
+            headers = {
+                k: v for k, v in response.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")
+            }
             replaced = web.Response(body=body, status=response.status, content_type="application/json", headers=headers)
             return replaced
     return response

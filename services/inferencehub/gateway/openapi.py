@@ -40,13 +40,37 @@ def _json(kind: type, description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(kind)}}}
 
 
-def _answers(ok: type | None, *statuses: int, ok_description: str = "ok") -> dict[str, Any]:
+def _answers(ok: type | None, *statuses: int, ok_description: str = "ok", error: type = schema.Error) -> dict[str, Any]:
     answers: dict[str, Any] = {}
     if ok is not None:
         answers["200"] = _json(ok, ok_description)
     for status in statuses:
-        answers[str(status)] = _json(schema.Error, WHEN[status])
+        answers[str(status)] = _json(error, WHEN[status])
     return answers
+
+
+def _events(done: str | None, *data: type) -> dict[str, Any]:
+    """A ``text/event-stream`` answer whose events' ``data`` is JSON of one of the ``data`` types (or ``done``, the
+    stream's last event, if given).
+
+    The schema describes one event, as OpenAPI 3.2's ``itemSchema`` does (and tools read a 3.1 ``schema`` of an
+    event stream): an object with the event's ``data`` string, its JSON typed with ``contentSchema``.
+    """
+    payload: dict[str, Any] = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [_ref(kind) for kind in data]},
+    }
+    if done is not None:
+        payload = {"type": "string", "if": {"const": done}, "else": payload}
+    return {
+        "schema": {
+            "description": "one server-sent event",
+            "type": "object",
+            "properties": {"data": payload, "event": {"type": "string"}},
+            "required": ["data"],
+        }
+    }
 
 
 def _header(name: str, description: str, **constraints: Any) -> dict[str, Any]:
@@ -142,6 +166,113 @@ def _model_paths(prefix: str) -> dict[str, Any]:
     }
 
 
+STREAM_ERRORS = (400, 404, 408, 413, 429, 500, 503, 504)  # before the first event; after it, a last error event
+
+
+def _generate_paths(prefix: str) -> dict[str, Any]:
+    """Triton's generate extension (gateway/generate.py), on a generative (decoupled) model or any other."""
+    params = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    if "{version}" in prefix:
+        params.append({"name": "version", "in": "path", "required": True, "schema": {"type": "string"}})
+    params += UPSTREAM_HEADERS
+    example = {"text_input": "tell me a story", "max_tokens": 8}  # the shipped mock-llm's inputs
+    body = {
+        "required": True,
+        "content": {"application/json": {"schema": _ref(schema.GenerateRequest), "example": example}},
+    }
+    events = _events(None, schema.GenerateResponse, schema.Error)
+    return {
+        prefix + "/generate": {
+            "post": {
+                "summary": "Generate (Triton's extension): the model's responses as one answer, the tokens joined",
+                "parameters": params,
+                "requestBody": body,
+                "responses": _answers(schema.GenerateResponse, *STREAM_ERRORS),
+            }
+        },
+        prefix + "/generate_stream": {
+            "post": {
+                "summary": "Generate (Triton's extension) as server-sent events, one per response of the model",
+                "parameters": params,
+                "requestBody": body,
+                "responses": {
+                    "200": {
+                        "description": "an event per response of the model, `data: {GenerateResponse}`; a failure "
+                        "after the first is a last event `data: {Error}`",
+                        "content": {"text/event-stream": events},
+                    },
+                    **_answers(None, *STREAM_ERRORS),
+                },
+            }
+        },
+    }
+
+
+def _openai_paths() -> dict[str, Any]:
+    """The OpenAI-compatible routes (gateway/openai_api.py); their errors have OpenAI's shape."""
+    model = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+
+    def errors(*statuses: int) -> dict[str, Any]:
+        return _answers(None, *statuses, error=schema.OpenAIError)
+
+    def completion(summary: str, body: type, whole: type, chunk: type, example: dict[str, Any]) -> dict[str, Any]:
+        ok = {
+            "description": "the completion (stream false), or server-sent events (stream true): `data: {chunk}` "
+            "per token, a chunk with finish_reason, with stream_options.include_usage one with usage and no "
+            "choices, then `data: [DONE]`; a failure after the first token is a last event `data: {OpenAIError}`",
+            "content": {
+                "application/json": {"schema": _ref(whole)},
+                "text/event-stream": _events("[DONE]", chunk, schema.OpenAIError),
+            },
+        }
+        return {
+            "post": {
+                "summary": summary,
+                "parameters": UPSTREAM_HEADERS,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": _ref(body),
+                            "examples": {
+                                "whole": {"value": example},
+                                "streamed": {"value": {**example, "stream": True}},
+                            },
+                        }
+                    },
+                },
+                "responses": {"200": ok, **errors(*STREAM_ERRORS)},
+            }
+        }
+
+    return {
+        "/v1/models": _get(
+            "The text generation models (OpenAI-compatible)",
+            {"200": _json(schema.OpenAIModelList, "the models"), **errors(*UPSTREAM_ERRORS)},
+            UPSTREAM_HEADERS,
+        ),
+        "/v1/models/{model}": _get(
+            "A text generation model (OpenAI-compatible); 404 for one that is not served or not one",
+            {"200": _json(schema.OpenAIModel, "the model"), **errors(404, *UPSTREAM_ERRORS)},
+            [*model, *UPSTREAM_HEADERS],
+        ),
+        "/v1/completions": completion(
+            "Completion (OpenAI-compatible), whole or streamed",
+            schema.CompletionRequest,
+            schema.Completion,
+            schema.Completion,
+            {"model": "mock-llm", "prompt": "tell me a story", "max_tokens": 8},
+        ),
+        "/v1/chat/completions": completion(
+            "Chat completion (OpenAI-compatible), whole or streamed",
+            schema.ChatCompletionRequest,
+            schema.ChatCompletion,
+            schema.ChatCompletionChunk,
+            {"model": "mock-llm", "messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 8},
+        ),
+    }
+
+
 def _job_paths() -> dict[str, Any]:
     """The async job routes (gateway/jobs.py); submitting is the infer route with ``Prefer: respond-async``."""
     params = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
@@ -217,11 +348,23 @@ def openapi_document() -> dict[str, Any]:
     text = {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "InferenceHub gateway (Open Inference Protocol REST)", "version": inferencehub.__version__},
+        "info": {
+            "title": "InferenceHub gateway (Open Inference Protocol REST, generate, OpenAI-compatible)",
+            "version": inferencehub.__version__,
+        },
         "paths": {
             "/healthz": _get("The gateway process is alive", _answers(schema.Status)),
             "/readyz": _get("The gateway takes traffic (not starting or draining)", _answers(schema.Status, 503)),
             "/metrics": _get("Prometheus metrics", {"200": text}),
+            "/openapi.json": _get(
+                "This document",
+                {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            ),
             "/status.json": _get(
                 "Live status: replicas' health and share of the last minute, latency, errors",
                 {"200": {"description": "status", "content": {"application/json": {"schema": {"type": "object"}}}}},
@@ -237,6 +380,9 @@ def openapi_document() -> dict[str, Any]:
             "/v2/health/ready": _get("Server readiness", _answers(schema.Ready, *UPSTREAM_ERRORS), UPSTREAM_HEADERS),
             **_model_paths("/v2/models/{model}"),
             **_model_paths("/v2/models/{model}/versions/{version}"),
+            **_generate_paths("/v2/models/{model}"),
+            **_generate_paths("/v2/models/{model}/versions/{version}"),
+            **_openai_paths(),
             **_job_paths(),
             **_repository_paths(),
         },

@@ -1,9 +1,10 @@
 """Gateway workers (``gateway.workers``) see each other's last minute of traffic for ``/status.json``.
 
 Each worker listens on a private unix socket in the gateway's run folder, ``worker-I.sock``, answering
-``GET /part`` with its pid, readiness and ``Traffic.window()``. The worker that answers ``/status.json`` reads
-its siblings' parts there (a short timeout each; a sibling being restarted is left out and counted as missing)
-and merges them with its own, so the page sees the whole gateway whichever worker the connection reached.
+``GET /part`` with its pid, readiness, ``Traffic.window()`` and its token streams' ``StreamWindow.part()``. The
+worker that answers ``/status.json`` reads its siblings' parts there (a short timeout each; a sibling being
+restarted is left out and counted as missing) and merges them with its own, so the page sees the whole gateway's
+requests and streams whichever worker the connection reached.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ async def _part(path: Path) -> dict | None:
         return None
 
 
-def window_part(window: Window, *, ready: bool, draining: bool) -> dict:
+def window_part(window: Window, streams: dict, *, ready: bool, draining: bool) -> dict:
+    """This worker's part: its traffic ``window``, its ``streams`` (``StreamWindow.part()``) and its state."""
     replicas, errors, latencies = window
     return {
         "pid": os.getpid(),
@@ -73,6 +75,7 @@ def window_part(window: Window, *, ready: bool, draining: bool) -> dict:
         "replicas": replicas,
         "errors": errors,
         "latencies": latencies,
+        "streams": streams,
     }
 
 

@@ -15,6 +15,8 @@ Shared by the Triton generate routes (``gateway.generate``) and the OpenAI-compa
   then blocks in its own write (see docs/streaming.md).
 - Failures before the first response raise ``UpstreamError`` (an HTTP error status); after it, the caller writes
   them as the stream's last event.
+- The answer's headers name the replica (``x-inferencehub-replica``), as a unary answer's do: the replica sends
+  its name in the call's initial metadata, with its first response, so it is known before the headers go out.
 - Metrics: open streams, time to first token, time per output token (each gap between two tokens), output tokens;
   the live page's stream panel (``StreamWindow``); a client span ``upstream ModelStreamInfer`` when tracing is on.
 """
@@ -22,7 +24,6 @@ Shared by the Triton generate routes (``gateway.generate``) and the OpenAI-compa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,7 +51,6 @@ FINAL = "triton_final_response"
 TEXT_OUTPUT = "text_output"
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 WINDOW_SECONDS = 60
-TRAILERS_SECONDS = 1.0  # how long the replica's trailers (its name) are awaited after its last response
 SHUT_DOWN_MARGIN = 0.5  # seconds before the end of the grace period that open streams get their last event
 SHUT_DOWN = "the gateway shut down before the stream ended (its --grace-seconds ran out); retry"
 
@@ -64,6 +64,7 @@ class StreamMetrics:
             "Client streams (generate, generate_stream, OpenAI completions) open now, by model.",
             ["model"],
             registry=registry,
+            multiprocess_mode="livesum",  # with --workers: the whole gateway's, as its other gauges
         )
         self.first_token = Histogram(
             "inferencehub_gateway_time_to_first_token_seconds",
@@ -117,18 +118,31 @@ class StreamWindow:
         if len(samples) < 1000:
             samples.append(seconds)
 
-    def json(self) -> dict[str, Any]:
+    def part(self) -> dict[str, Any]:
+        """This process's last minute: counts and time-to-first-token samples (seconds), to be summed with other
+        workers' parts (``summary``)."""
         now = int(time.monotonic())
         recent = [b for s, b in self.seconds.items() if now - WINDOW_SECONDS < s <= now]
-        tokens = sum(b[2] for b in recent)
         return {
             "open": self.open,
             "started": sum(b[0] for b in recent),
             "errors": sum(b[1] for b in recent),
-            "tokens": tokens,
-            "tokens_per_second": tokens / WINDOW_SECONDS,
-            "time_to_first_token_ms": percentiles_ms([t for b in recent for t in b[3]], "p50", "p99"),
+            "tokens": sum(b[2] for b in recent),
+            "first_token_seconds": [t for b in recent for t in b[3]],
         }
+
+
+def summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The live page's stream panel (``/status.json`` ``streams``) from one or more processes' ``part()``s."""
+    tokens = sum(p["tokens"] for p in parts)
+    return {
+        "open": sum(p["open"] for p in parts),
+        "started": sum(p["started"] for p in parts),
+        "errors": sum(p["errors"] for p in parts),
+        "tokens": tokens,
+        "tokens_per_second": tokens / WINDOW_SECONDS,
+        "time_to_first_token_ms": percentiles_ms([t for p in parts for t in p["first_token_seconds"]], "p50", "p99"),
+    }
 
 
 @dataclass
@@ -384,14 +398,12 @@ class TokenStream:
             self.replica = await self._replica_name()
         if final:
             self.done = True
-            if not self.replica:  # the replica names itself in its trailers, which follow its last response
-                with contextlib.suppress(asyncio.TimeoutError, grpc.aio.AioRpcError):
-                    self.replica = _replica(await asyncio.wait_for(self._call.trailing_metadata(), TRAILERS_SECONDS))
             self.upstream.metrics.upstream(METHOD, self.replica, "OK")
         return Piece(response.model_name, response.model_version, outputs, parameters, final)
 
     async def _replica_name(self) -> str:
-        """The serving replica's name, from the call's initial metadata (or its trailers once it has ended)."""
+        """The serving replica's name, from the call's initial metadata (sent with its first response), or its
+        trailers once it has ended."""
         call = self._call
         name = _replica(await call.initial_metadata())
         if not name and call.done():

@@ -16,6 +16,10 @@ stays open for further requests. The call's own status is kept for whole-call fa
 ``DEADLINE_EXCEEDED`` (the deadline covers the whole call, every generation in it),
 ``UNAVAILABLE`` for a call that arrives while the replica drains (it goes elsewhere), ``CANCELLED``.
 
+The replica names itself (``x-inferencehub-replica``) in the call's initial metadata, sent with its first
+response, so the gateway can put the name on a streamed answer's headers before the stream ends; the trailers
+carry it too, with the load report, as for unary calls (a call refused before any response has only those).
+
 Guarantees:
 - pacing: each response is written with ``await context.write`` (one write at a time per call), and the
   generator is resumed only after its previous response was written, so between a model and its reader
@@ -50,8 +54,10 @@ from inferencehub import logs
 from inferencehub.errors import InferenceHubError, ModelError, ModelNotReady
 from inferencehub.inference import pipeline
 from inferencehub.inference.engine import ServedModel, State
+from inferencehub.inference.metrics import UNKNOWN_MODEL
 from inferencehub.inference.servicer import InferenceServicer, caller_request_id
 from inferencehub.inference.statistics import Timing
+from inferencehub.metadata import REPLICA_KEY
 from inferencehub.model import Model, Response
 from inferencehub.oip.codec import decode_inputs, encode_outputs
 from inferencehub.protocol.inference import grpc_predict_v2_pb2 as pb
@@ -155,10 +161,15 @@ class StreamingServicer(InferenceServicer):
                 self.replica_metadata,
             )
         lock = asyncio.Lock()
+        named = False
 
         async def write(message: pb.ModelStreamInferResponse) -> None:
+            nonlocal named
             async with lock:
                 try:
+                    if not named:  # with the first response, which commits the call anyway
+                        named = True
+                        await context.send_initial_metadata(((REPLICA_KEY, self.replica),))
                     await context.write(message)
                 except Exception as exc:  # the call ended under the write (the caller hung up, the deadline passed)
                     raise CallerGone(str(exc) or type(exc).__name__) from exc
@@ -325,6 +336,9 @@ class StreamingServicer(InferenceServicer):
 
     def _finish(self, served: ServedModel | None, timing: Timing, span, code: grpc.StatusCode) -> None:
         done = time.perf_counter_ns()
+        # One request in inferencehub_inference_requests_total, with its outcome, as a ModelInfer call (and as
+        # Triton counts every request, streamed or not); the duration histogram stays unary calls' latency.
+        self._metrics_for(UNKNOWN_MODEL if served is None else served.config.name).count(code)
         stats = served.stats if served is not None else None
         if served is not None and stats is not None:
             # A generation that succeeds is one inference and one execution (as a unary model call that returns):

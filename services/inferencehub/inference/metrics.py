@@ -17,13 +17,15 @@ class InferenceMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "inferencehub_inference_requests",
-            "ModelInfer calls by model and gRPC status code.",
+            "Requests by model and gRPC status code: ModelInfer calls, and ModelStreamInfer requests (a generation is "
+            "one, counted when it ends).",
             ["model", "code"],
             registry=self.registry,
         )
         self.duration = Histogram(
             "inferencehub_inference_request_duration_seconds",
-            "ModelInfer call duration, from receipt to response, by model.",
+            "ModelInfer call duration, from receipt to response, by model (not streams: their length is the "
+            "reader's; the gateway times their tokens).",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,

@@ -84,12 +84,15 @@ class ModelChildren:
         self.duration = metrics.duration.labels(model)
         self.requests: dict[grpc.StatusCode, Counter] = {}
 
-    def count(self, code: grpc.StatusCode, start: float) -> None:
+    def count(self, code: grpc.StatusCode, start: float | None = None) -> None:
+        """One request ended with ``code``; its duration observed from ``start`` (a unary call: a stream's length is
+        its reader's, not a latency)."""
         counter = self.requests.get(code)
         if counter is None:
             counter = self.requests[code] = self.metrics.requests.labels(self.model, code.name)
         counter.inc()
-        self.duration.observe(time.perf_counter() - start)
+        if start is not None:
+            self.duration.observe(time.perf_counter() - start)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

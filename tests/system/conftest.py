@@ -780,9 +780,14 @@ def http_status(host: str, port: int, path: str) -> int:
 # --- token streams (issue 21): the shipped generative mock, timed for a test -------------------------------------
 
 
-def mock_llm_repository(tmp: Path, first_token_ms: float = 5.0, token_ms: float = 5.0) -> Path:
-    """A model repository holding the shipped ``mock-llm`` with near-fixed first-token and per-token latencies."""
+def mock_llm_repository(
+    tmp: Path, first_token_ms: float = 5.0, token_ms: float = 5.0, also: tuple[str, ...] = ()
+) -> Path:
+    """A model repository holding the shipped ``mock-llm`` with near-fixed first-token and per-token latencies, and
+    links to the shipped models named in ``also``."""
     tmp.mkdir(parents=True, exist_ok=True)
+    for name in also:
+        (tmp / name).symlink_to(SHIPPED / name)
     shutil.copytree(SHIPPED / "mock-llm", tmp / "mock-llm")  # a copy: model_repository links, and this edits
     repo = tmp
     config_path = repo / "mock-llm" / "config.json"
@@ -791,6 +796,23 @@ def mock_llm_repository(tmp: Path, first_token_ms: float = 5.0, token_ms: float 
         config["parameters"][name] = {"distribution": "lognormal", "median_ms": ms, "sigma": 0.01}
     config_path.write_text(json.dumps(config))
     return repo
+
+
+@contextlib.contextmanager
+def llm_serving(folder: Path, name: str, first_token_ms: float, token_ms: float, also: tuple[str, ...] = ()):
+    """A replica named ``name`` serving ``mock-llm`` at that pace (and ``also``), and a gateway in front of it:
+    ``(replica, gateway)``, both stopped at the end."""
+    repo = mock_llm_repository(folder, first_token_ms=first_token_ms, token_ms=token_ms, also=also)
+    replica = Replica("--models", str(repo), "--replica-name", name)
+    try:
+        replica.wait_serving()
+        gateway = Gateway(f"ipv4:{replica.target}")
+        try:
+            yield replica, gateway
+        finally:
+            gateway.stop()
+    finally:
+        replica.stop()
 
 
 def rss_bytes(pid: int) -> int:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from conftest import SHIPPED, Gateway, Replica, mock_llm_repository
+from conftest import Gateway, Replica, llm_serving
 
 MODEL = "mock-llm"
 PROMPT = "the quick brown fox jumps"
@@ -22,23 +22,21 @@ DEADLINE_HEADER = "X-InferenceHub-Deadline-Ms"
 
 
 @pytest.fixture(scope="module")
-def llm_replica(tmp_path_factory) -> Iterator[Replica]:
-    repo = mock_llm_repository(tmp_path_factory.mktemp("openai-models"), first_token_ms=5, token_ms=5)
-    (repo / "mock").symlink_to(SHIPPED / "mock")  # served, but not a text generation model
-    server = Replica("--models", str(repo), "--replica-name", "openai-replica")
-    try:
-        yield server.wait_serving()
-    finally:
-        server.stop()
+def llm_system(tmp_path_factory) -> Iterator[tuple[Replica, Gateway]]:
+    # ``mock`` is served too, but is not a text generation model.
+    folder = tmp_path_factory.mktemp("openai-models")
+    with llm_serving(folder, "openai-replica", first_token_ms=5, token_ms=5, also=("mock",)) as system:
+        yield system
 
 
 @pytest.fixture(scope="module")
-def llm_gateway(llm_replica) -> Iterator[Gateway]:
-    server = Gateway(f"ipv4:{llm_replica.target}")
-    try:
-        yield server
-    finally:
-        server.stop()
+def llm_replica(llm_system) -> Replica:
+    return llm_system[0]
+
+
+@pytest.fixture(scope="module")
+def llm_gateway(llm_system) -> Gateway:
+    return llm_system[1]
 
 
 def client(gateway: Gateway, api_key: str = "unused", **options) -> openai.OpenAI:

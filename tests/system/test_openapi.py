@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import ROOT, SHIPPED, Gateway, Replica, mock_llm_repository
+from conftest import ROOT, Gateway, llm_serving
 
 SCHEMATHESIS = ROOT / ".cache" / "tools" / "schemathesis" / "bin" / "schemathesis"
 CONFIG = ROOT / "tests" / "system" / "api" / "schemathesis.toml"
@@ -23,17 +23,9 @@ def fuzzed(tmp_path_factory) -> Iterator[Gateway]:
     """A gateway in front of a replica of its own (schemathesis loads and unloads its models): ``iris``, and
     ``mock-llm`` at a token a millisecond, as the document's examples name it and most generated completions reach
     it (at the shipped model's pace they alone would take minutes)."""
-    repo = mock_llm_repository(tmp_path_factory.mktemp("fuzzed-models"), first_token_ms=1, token_ms=1)
-    (repo / "iris").symlink_to(SHIPPED / "iris")
-    replica = Replica("--models", str(repo)).wait_serving()
-    try:
-        gateway = Gateway(f"ipv4:{replica.target}")
-        try:
-            yield gateway
-        finally:
-            gateway.stop()
-    finally:
-        replica.stop()
+    folder = tmp_path_factory.mktemp("fuzzed-models")
+    with llm_serving(folder, "fuzzed", first_token_ms=1, token_ms=1, also=("iris",)) as (_, gateway):
+        yield gateway
 
 
 def operations(spec: dict) -> int:

@@ -22,29 +22,26 @@ import pytest
 
 from inferencehub.gateway import sse
 
-from conftest import Gateway, Replica, mock_llm_repository, rss_bytes, sample_value, scrape, wait_for
+from conftest import Gateway, Replica, llm_serving, mock_llm_repository, rss_bytes, sample_value, scrape, wait_for
 
 TOKEN_MS = 10.0
 SCRAPE_TOLERANCE = 0.15  # seconds: polling the replica's /metrics every 10 ms on a shared machine
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory) -> Iterator[Replica]:
-    repo = mock_llm_repository(tmp_path_factory.mktemp("llm"), first_token_ms=20, token_ms=TOKEN_MS)
-    server = Replica("--models", str(repo), "--replica-name", "llm-replica")
-    try:
-        yield server.wait_serving()
-    finally:
-        server.stop()
+def llm_system(tmp_path_factory) -> Iterator[tuple[Replica, Gateway]]:
+    with llm_serving(tmp_path_factory.mktemp("llm"), "llm-replica", first_token_ms=20, token_ms=TOKEN_MS) as system:
+        yield system
 
 
 @pytest.fixture(scope="module")
-def front(llm) -> Iterator[Gateway]:
-    server = Gateway(f"ipv4:{llm.target}")
-    try:
-        yield server
-    finally:
-        server.stop()
+def llm(llm_system) -> Replica:
+    return llm_system[0]
+
+
+@pytest.fixture(scope="module")
+def front(llm_system) -> Gateway:
+    return llm_system[1]
 
 
 def curl_stream(

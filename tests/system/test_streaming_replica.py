@@ -434,12 +434,22 @@ def test_sigterm_lets_an_open_stream_finish_and_refuses_new_ones(tmp_path):
         async def run() -> tuple[list, grpc.StatusCode, grpc.StatusCode, grpc.StatusCode]:
             async with grpc.aio.insecure_channel(replica.target) as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
-                call = stub.ModelStreamInfer(iter([request("llm-steady", "drain me", 250, "open")]), timeout=30)
+                sending: asyncio.Queue = asyncio.Queue()
+                await sending.put(request("llm-steady", "drain me", 250, "open"))
+
+                async def requests():
+                    while (message := await sending.get()) is not None:
+                        yield message
+
+                call = stub.ModelStreamInfer(requests(), timeout=30)
                 got = [await call.read()]  # ~2.5 s of tokens: longer than the drain
                 replica.proc.send_signal(signal.SIGTERM)
                 await asyncio.to_thread(
                     wait_for, lambda: health_status(replica.target) == "NOT_SERVING", 5, what="NOT_SERVING"
                 )
+                # A new request on the open call is refused in the stream; the call and its generation go on.
+                await sending.put(request("llm-steady", "one more", 3, "more"))
+                await sending.put(None)
                 # Draining: new streams are refused with UNAVAILABLE (the caller goes elsewhere).
                 refused = stub.ModelStreamInfer(iter([request("llm-steady", "new", 3)]), timeout=5)
                 with pytest.raises(grpc.aio.AioRpcError) as during:
@@ -459,8 +469,12 @@ def test_sigterm_lets_an_open_stream_finish_and_refuses_new_ones(tmp_path):
 
         got, during, after, code = asyncio.run(run())
         assert during == grpc.StatusCode.UNAVAILABLE and after == grpc.StatusCode.UNAVAILABLE
-        assert code == grpc.StatusCode.OK and len(got) == 250 and is_final(got[-1])
-        assert not any(r.error_message for r in got)
+        [refusal] = [r for r in got if r.infer_response.id == "more"]
+        assert "not starting new generations" in refusal.error_message and is_final(refusal)
+        assert refusal.infer_response.parameters["error_code"].string_param == "UNAVAILABLE"
+        opened = [r for r in got if r.infer_response.id == "open"]
+        assert code == grpc.StatusCode.OK and len(opened) == 250 and is_final(opened[-1])
+        assert not any(r.error_message for r in opened)
         assert replica.proc.wait(15) == 0
     finally:
         replica.kill()

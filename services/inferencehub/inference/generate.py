@@ -32,8 +32,9 @@ Guarantees:
 - admission and balancing: a generation holds one of its model's execution slots from start to end
   (``ModelScheduler.hold``), so open streams count against ``max_concurrency`` and the queue, as busy slots
   in the ORCA load report and as in flight (``LoadReporter.begin``/``end``), like unary calls;
-- shutdown: a call that arrives once the replica drains is refused with UNAVAILABLE; open calls continue
-  and have the grace period to finish (then they are cancelled, as above).
+- shutdown: a call that arrives once the replica drains is refused with UNAVAILABLE, and so is a new request on
+  an open call (in the stream, which stays open); open generations continue and have the grace period to finish
+  (then they are cancelled, as above).
 """
 
 from __future__ import annotations
@@ -183,6 +184,9 @@ class StreamingServicer(InferenceServicer):
         try:
             async with asyncio.timeout_at(ends):
                 async for request in request_iterator:
+                    if self.engine.state is not State.SERVING:  # draining: what is open finishes, nothing new starts
+                        await self._refuse_while_draining(write, request)
+                        continue
                     # A caller with MAX_OPEN_PER_CALL requests unanswered waits (HTTP/2 flow control) to send more.
                     await room.acquire()
                     task = asyncio.create_task(self._generation(request, context, write, deadline))
@@ -315,6 +319,14 @@ class StreamingServicer(InferenceServicer):
             children.open.dec()
             children.in_flight.dec()
             self.load.end(share, code)
+
+    async def _refuse_while_draining(self, write: Write, request: pb.ModelInferRequest) -> None:
+        """A request sent on an open call once the replica drains: refused in the stream (the call stays open for
+        the generations it holds), UNAVAILABLE, so that the caller sends it elsewhere."""
+        state = self.engine.state.value
+        message = f"replica {self.replica} is {state}: not starting new generations; send the request elsewhere"
+        await self._error(write, request, None, grpc.StatusCode.UNAVAILABLE, message)
+        self._finish(None, Timing(received=time.perf_counter_ns()), None, grpc.StatusCode.UNAVAILABLE)
 
     async def _error(
         self,

@@ -3,9 +3,10 @@
     python benchmarks/bare_forwarder.py echo --port 0                 a grpc.aio server that returns its request
     python benchmarks/bare_forwarder.py forward --upstream HOST:PORT  an aiohttp app forwarding each body to it
 
-The forwarder speaks just enough OIP REST for `inferencehub bench` (model metadata, infer) and passes the body
-through as opaque bytes over one shared channel: no parsing, no validation, no tensors. InferenceHub's gateway
-does all of those, so the ratio of the two is the price of its work.
+The forwarder speaks just enough OIP REST for `inferencehub bench` and `wrk` (model metadata, infer, under any
+model name) and passes the body through as opaque bytes over one shared channel: no parsing, no validation, no
+tensors. InferenceHub's gateway does all of those, so the ratio of the two is the price of its work. Both run on
+the event loop InferenceHub's processes run on (uvloop).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import grpc
 from aiohttp import web
 
+from inferencehub import eventloop
 from inferencehub.processes import LISTEN_FILE_ENV, announce
 
 METHOD = "/bench.Echo/Echo"
@@ -54,7 +56,7 @@ async def forward(port: int, upstream: str) -> None:
         return web.Response(body=body, headers={"Inference-Header-Content-Length": str(len(body))})
 
     app = web.Application()
-    app.add_routes([web.get("/v2/models/echo", metadata), web.post("/v2/models/echo/infer", infer)])
+    app.add_routes([web.get("/v2/models/{model}", metadata), web.post("/v2/models/{model}/infer", infer)])
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -69,7 +71,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--upstream", default="127.0.0.1:8081")
     args = parser.parse_args()
-    asyncio.run(echo(args.port) if args.mode == "echo" else forward(args.port, args.upstream))
+    eventloop.run(echo(args.port) if args.mode == "echo" else forward(args.port, args.upstream), "uvloop")
 
 
 if __name__ == "__main__":

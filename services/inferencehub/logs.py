@@ -5,12 +5,23 @@ With tracing on (``inferencehub.tracing``), each line also carries the trace id.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import sys
 from contextvars import ContextVar
 
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
 trace_id: ContextVar[str] = ContextVar("trace_id", default="-")
+
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(int.from_bytes(os.urandom(7), "big"))
+
+
+def new_request_id() -> str:
+    """32 hex digits, unique: a random per-process prefix and a counter (uuid4 costs a system call per request)."""
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 TRACED_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s trace=%(trace_id)s] %(message)s"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import os
 import re
@@ -73,20 +72,11 @@ class StartupError(InferenceHubError):
 # --- middlewares ---------------------------------------------------------------------------
 
 
-_ID_PREFIX = os.urandom(8).hex()
-_id_counter = itertools.count(int.from_bytes(os.urandom(7), "big"))
-
-
-def new_request_id() -> str:
-    """32 hex digits, unique: a random per-process prefix and a counter (uuid4 costs a system call per request)."""
-    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
-
-
 @web.middleware
 async def observe(request: web.Request, handler) -> web.StreamResponse:
     """Request id in and out, metrics by route template, a log line for every failure."""
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = incoming if incoming and REQUEST_ID_PATTERN.match(incoming) else new_request_id()
+    request_id = incoming if incoming and REQUEST_ID_PATTERN.match(incoming) else logs.new_request_id()
     token = logs.request_id.set(request_id)
     start = time.perf_counter()
     route = request.match_info.route.resource

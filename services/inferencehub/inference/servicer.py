@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 
 import grpc
 from prometheus_client import Counter
@@ -71,7 +70,7 @@ def caller_request_id(context: grpc.aio.ServicerContext, request_id: str = "") -
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY:
             return value
-    return request_id or uuid.uuid4().hex
+    return request_id or logs.new_request_id()
 
 
 class ModelChildren:

@@ -3,7 +3,9 @@
 - ``async def predict`` models run on the loop (they promise not to block it);
 - ``execution: thread`` models run in a thread pool (numpy releases the GIL), except while their calls are
   measured to take under ``INLINE_BELOW`` (a small numpy MLP): then the hand-off to a thread and back would cost
-  more than the call, and they run on the loop; a call that takes longer sends the model back to the pool;
+  more than the call, and they run on the loop; a call that takes longer sends the model back to the pool. A slow call
+  that never waited (no sleep, I/O or other thread: its thread only lost the CPU to other work on a busy machine)
+  counts the CPU time it used: the time it took says how busy the machine is, not how long the model holds a thread;
 - ``execution: process`` models run in spawned worker processes, each of which loads
   its own copy of every process model, so CPU-bound Python never holds the
   server's GIL and health checks keep answering while every worker is busy. A worker process ends with its
@@ -18,6 +20,7 @@ import inspect
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -76,12 +79,30 @@ class Cost:
         self.seconds = took if took > self.seconds or self.seconds == float("inf") else 0.9 * self.seconds + 0.1 * took
 
 
-def _timed(predict, cost: Cost, inputs):
-    start = time.perf_counter()
-    try:
-        return predict(inputs)
-    finally:
-        cost.add(time.perf_counter() - start)
+if hasattr(resource, "RUSAGE_THREAD"):  # Linux
+
+    def _timed(predict, cost: Cost, inputs):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+        cpu = time.thread_time()
+        start = time.perf_counter()
+        try:
+            return predict(inputs)
+        finally:
+            took = time.perf_counter() - start
+            if took >= INLINE_BELOW and resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw == before:
+                # It never waited (no sleep, no I/O, no other thread): the rest of the time the OS or the
+                # hypervisor ran something else. What the model holds a thread for is the CPU time it used.
+                took = time.thread_time() - cpu
+            cost.add(took)
+
+else:
+
+    def _timed(predict, cost: Cost, inputs):
+        start = time.perf_counter()
+        try:
+            return predict(inputs)
+        finally:
+            cost.add(time.perf_counter() - start)
 
 
 def cpu_count() -> int:

@@ -144,7 +144,7 @@ def measure(targets: list[str], model: str, rate: float, rounds: int, seconds: f
         for policy in POLICIES:
             gateways[policy] = gateway(upstream, "--balancing", policy)
         for _, url in gateways.values():
-            bench(model, url=url, concurrency=4, duration=1.0)  # connect and warm up
+            bench(model, url=url, concurrency=4, duration=min(1.0, warm))  # connect and warm up
         for i in range(rounds):
             for policy in POLICIES if i % 2 == 0 else POLICIES[::-1]:
                 url = gateways[policy][1]
@@ -202,7 +202,7 @@ def scenario_cpu(tmp: Path, timing: tuple[int, float, float]) -> tuple[dict[str,
         targets = [t for _, t in replicas]
         gw, url = gateway("ipv4:" + ",".join(targets), "--balancing", "round_robin")
         try:
-            bench("m", url=url, concurrency=6, duration=1.0)
+            bench("m", url=url, concurrency=6, duration=min(1.0, timing[2]))
             calibration = bench("m", url=url, concurrency=6, duration=timing[1])["throughput_rps"]
         finally:
             gw.stop()
@@ -216,7 +216,7 @@ def scenario_cpu(tmp: Path, timing: tuple[int, float, float]) -> tuple[dict[str,
             process.stop()
 
 
-def report_cost_us() -> tuple[float, float]:
+def report_cost_us(quick: bool) -> tuple[float, float]:
     """The load report's cost: per call on the hot path, and per rebuild (5 a second), in microseconds."""
     import timeit
 
@@ -237,8 +237,9 @@ def report_cost_us() -> tuple[float, float]:
         Scheduler.on_busy(-1)
         reporter.end(share, grpc.StatusCode.OK)
 
-    per_call = min(timeit.repeat(call, number=20000, repeat=5)) / 20000
-    per_tick = min(timeit.repeat(reporter.tick, number=200, repeat=5)) / 200
+    calls, ticks, repeat = (2000, 20, 2) if quick else (20000, 200, 5)
+    per_call = min(timeit.repeat(call, number=calls, repeat=repeat)) / calls
+    per_tick = min(timeit.repeat(reporter.tick, number=ticks, repeat=repeat)) / ticks
     return per_call * 1e6, per_tick * 1e6
 
 
@@ -261,7 +262,7 @@ def row(label: str, policy: str, s: dict, rate: float) -> list:
 def run(out: Path, quick: bool) -> str:
     # Rounds, seconds measured, seconds of warm-up. Near capacity, a queue takes several seconds to reach its
     # steady length (and each segment starts with the other policy's drained replicas): 8 s of warm-up.
-    timing = (1, 2.0, 1.0) if quick else (3, 12.0, 8.0)
+    timing = (1, 1.0, 0.5) if quick else (3, 12.0, 8.0)
     equal_rate, slow_rate = 0.85 * 150, 0.85 * 37.5
     scenarios: dict[str, tuple[dict[str, dict], float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -305,7 +306,7 @@ def run(out: Path, quick: bool) -> str:
         f"({'no worse within 10%: met' if met_equal else 'MISSED'}); "
         f"one replica competing for CPU: p99 {cpu_p99:.2f}x better."
     )
-    per_call, per_tick = report_cost_us()
+    per_call, per_tick = report_cost_us(quick)
     cost = (
         f"The load report's cost on a replica, measured in-process: {per_call:.1f} µs per call (the counting "
         f"around each call; the report itself is prebuilt) and {per_tick:.0f} µs per rebuild, 5 rebuilds a second. "

@@ -180,7 +180,7 @@ def peer_rows(quick: bool) -> tuple[str, str]:
 
 def run(out: Path, quick: bool) -> str:
     concurrencies = [1, 8] if quick else [1, 8, 64]
-    duration = 1.0 if quick else 6.0
+    duration = 0.5 if quick else 6.0
     here = Path(__file__).resolve().parent
     results: dict[str, dict[int, dict]] = {}
     cpu: dict[str, dict[str, float]] = {}

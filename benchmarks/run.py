@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short runs, to check the scripts")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where results go (default %(default)s)")
     args = parser.parse_args()
+    if args.quick:  # checking the scripts: one gateway process each (fewer processes to start), not the default
+        os.environ["INFERENCEHUB_GATEWAY_WORKERS"] = "1"
     for name in args.only or BENCHMARKS:
         started = time.monotonic()
         print(f"== {name} ...", flush=True)

@@ -52,20 +52,25 @@ EXAMPLE_MODELS = ROOT / "examples" / "models"
 # in xdist workers that take units of work in collection order (``--no-loadscope-reorder``): starting the long
 # ones first keeps one of them from running alone at the end.
 LONGEST_FIRST = [
-    "test_benchmarks",
     "test_local_system",
     "test_load_balancing",
-    "test_jobs_failures",
-    "test_up_supervision",
-    "test_streaming_gateway",
+    "test_benchmarks",  # its units are its tests, about a minute at most each
     "test_tls",
-    "test_model_control",
+    "test_jobs_failures",
     "test_openapi",
-    "test_jobs",
-    "test_tracing",
-    "test_streaming_replica",
-    "test_chart_jobs",
+    "test_chart",
+    "test_access",
+    "test_up_supervision",
+    "test_model_control",
+    "test_streaming_gateway",
     "test_gateway_workers",
+    "test_chart_access",
+    "test_chart_jobs",
+    "test_tracing",
+    "test_batching",
+    "test_coalescing",
+    "test_streaming_replica",
+    "test_jobs",
 ]
 # Modules whose tests share nothing: each test a unit of work of its own (the benchmarks run side by side).
 EACH_TEST_A_UNIT = {"test_benchmarks"}

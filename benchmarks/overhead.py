@@ -48,15 +48,18 @@ adaptive batching up to 64 rows) and its default one (an inference worker proces
 InferenceHub is `inferencehub up --replicas 1`'s shape: a gateway (its default `--workers`: one process per CPU,
 their CPU summed) and one replica. Beside them, the floor of that shape in Python: `bare_forwarder.py` (one aiohttp
 process handing each body as bytes to a grpc.aio server that returns it, both on uvloop: no parsing, no model, no
-work, one gRPC call per request). At concurrency 1 no gateway-plus-replica built on aiohttp and grpc.aio answers
-faster; under load, several gateway processes and coalesced calls can serve more than its one process does. The
-machine is shared with other jobs: read the ratios, measured side by side, not the absolute numbers."""
+work, one gRPC call per request), and the same with every request multiplexed by id on one long-lived
+stream-stream call (`forward-stream`: the floor of a stream per replica instead of a call per request). At
+concurrency 1 no gateway-plus-replica built on aiohttp and grpc.aio answers faster; under load, several gateway
+processes and coalesced calls can serve more than its one process does. The machine is shared with other jobs: read
+the ratios, measured side by side, not the absolute numbers."""
 
 OURS = "InferenceHub (the defaults)"
 TRITON = "Triton (Python backend, dynamic batching)"
 MLSERVER_BEST = "MLServer, best tuning (adaptive batching)"
 MLSERVER_DEFAULT = "MLServer, default tuning"
 FLOOR = "aiohttp + grpc.aio, no work (the floor)"
+FLOOR_STREAM = "the floor, one stream for all requests"
 # The goals against the peers (issue: faster than Triton on its own ground).
 GOALS = {"c64 vs Triton": 1.0, "c1 p50 vs Triton": 1.5, "vs MLServer best": 2.5}
 
@@ -88,13 +91,12 @@ def peer_rows(quick: bool) -> tuple[str, str]:
             for tuning, (server, url) in peers.mlservers(("best", "default"), Path(tmp), started).items():
                 servers[MLSERVER_BEST if tuning == "best" else MLSERVER_DEFAULT] = ({"MLServer": server}, url)
             here = Path(__file__).resolve().parent
-            echo = Process([PYTHON, str(here / "bare_forwarder.py"), "echo"], "grpc")
-            started.append(echo)
-            forwarder = Process(
-                [PYTHON, str(here / "bare_forwarder.py"), "forward", "--upstream", echo.address], "http"
-            )
-            started.append(forwarder)
-            servers[FLOOR] = ({"forwarder": forwarder, "echo server": echo}, f"http://{forwarder.address}")
+            for name, mode in ((FLOOR, "forward"), (FLOOR_STREAM, "forward-stream")):
+                echo = Process([PYTHON, str(here / "bare_forwarder.py"), "echo"], "grpc")
+                started.append(echo)
+                forwarder = Process([PYTHON, str(here / "bare_forwarder.py"), mode, "--upstream", echo.address], "http")
+                started.append(forwarder)
+                servers[name] = ({"forwarder": forwarder, "echo server": echo}, f"http://{forwarder.address}")
             result = peers.compare(servers, rounds=rounds, duration=duration, levels=levels, warm_up=not quick)
             grpc = {
                 name: {c: peers.perf_analyzer(target, concurrency=c, seconds=duration) for c in (1, top)}
@@ -164,14 +166,19 @@ def peer_rows(quick: bool) -> tuple[str, str]:
     ]
     floor = result[FLOOR]
     floor_p50 = floor[1]["median"]["latency_ms"]["p50"]
+    stream = result[FLOOR_STREAM]
+    stream_p50 = stream[1]["median"]["latency_ms"]["p50"]
     floor_cpu, ours_cpu = floor[top]["cpu"], ours[top]["cpu"]
     verdict = (
         f"Against its peers in one run (load average {load[0]:.1f} before, {load_after[0]:.1f} after, on "
         f"{os.cpu_count()} cores), InferenceHub through its gateway: " + "; ".join(parts) + ". The floor of its "
         f"shape (aiohttp and grpc.aio doing no work) answers at concurrency 1 in {floor_p50:.2f} ms p50, "
-        f"{floor_p50 / triton_p50:.2f}x Triton's: no cut in InferenceHub's own work brings its p50 below that. At "
+        f"{floor_p50 / triton_p50:.2f}x Triton's: with a call per request, no cut in InferenceHub's own work brings "
+        "its p50 below that; "
+        f"over one stream for all requests, {stream_p50:.2f} ms ({stream_p50 / triton_p50:.2f}x). At "
         f"concurrency {top} the floor's HTTP process spends {floor_cpu['forwarder']:.3f} ms of CPU per request and "
-        f"its gRPC server {floor_cpu['echo server']:.3f} (a call each); InferenceHub's gateway "
+        f"its gRPC server {floor_cpu['echo server']:.3f} (a call each; over one stream "
+        f"{stream[top]['cpu']['forwarder']:.3f} and {stream[top]['cpu']['echo server']:.3f}); InferenceHub's gateway "
         f"{ours_cpu['gateway']:.3f} and replica {ours_cpu['replica']:.3f} (calls coalesced), Triton "
         f"{triton[top]['cpu']['Triton']:.3f} in all."
     )

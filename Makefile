@@ -2,14 +2,20 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
+# Python keeps what it compiles in __pycache__ (ignored by git): a test run starts hundreds of Python processes, and
+# without that cache each one compiles every module it imports again (a second of CPU for a replica). Where the
+# environment sets PYTHONDONTWRITEBYTECODE, what make runs does not inherit it.
+unexport PYTHONDONTWRITEBYTECODE
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
 .PHONY: run test test-containers bench lint format proto install tools models clean kind-up kind-demo kind-down minikube-up minikube-demo minikube-down
 
-# --no-compile: Python compiles what it imports on first use (a fresh install is 40 s faster on 2 cores).
+# pip installs uv, uv the rest (in parallel: half the time of pip on a fresh machine). Nothing is compiled ahead:
+# Python compiles what it imports on first use and keeps it.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt uv
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -c constraints.txt -e '.[dev]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

@@ -111,7 +111,7 @@ def run(out: Path, quick: bool) -> str:
         try:
             front.wait_log("job queue ready")
             server.wait_log("jobs: pulling")
-            capacity = bench(model, url=url, concurrency=4, duration=1.5 if quick else 20.0)["throughput_rps"]
+            capacity = bench(model, url=url, concurrency=4, duration=0.5 if quick else 20.0)["throughput_rps"]
             deadline = {"X-InferenceHub-Deadline-Ms": str(int(DEADLINE_S * 1000))}
             sync = asyncio.run(burst(url, model, count, rate, deadline, DEADLINE_S))
             submits = asyncio.run(burst(url, model, count, rate, {"Prefer": "respond-async"}, 30.0))

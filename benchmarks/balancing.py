@@ -262,7 +262,7 @@ def row(label: str, policy: str, s: dict, rate: float) -> list:
 def run(out: Path, quick: bool) -> str:
     # Rounds, seconds measured, seconds of warm-up. Near capacity, a queue takes several seconds to reach its
     # steady length (and each segment starts with the other policy's drained replicas): 8 s of warm-up.
-    timing = (1, 1.0, 0.5) if quick else (3, 12.0, 8.0)
+    timing = (1, 0.5, 0.2) if quick else (3, 12.0, 8.0)
     equal_rate, slow_rate = 0.85 * 150, 0.85 * 37.5
     scenarios: dict[str, tuple[dict[str, dict], float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

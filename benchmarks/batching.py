@@ -22,7 +22,7 @@ def run(out: Path, quick: bool) -> str:
     config.pop("name")
     unbatched = {k: v for k, v in config.items() if k != "batching"}
     concurrencies = [1, 8, 32] if quick else [1, 8, 32, 64]
-    duration = 1.0 if quick else 8.0
+    duration = 0.4 if quick else 8.0
     results: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         models = repository(

@@ -56,7 +56,7 @@ def measure(url: str, model: str, cheap: str, duration: float) -> tuple[dict, di
 
 
 def run(out: Path, quick: bool) -> str:
-    duration = 2.0 if quick else 15.0
+    duration = 1.2 if quick else 15.0
     here = Path(__file__).resolve().parent
     results = {}
     coupled = Process([PYTHON, str(here / "coupled_app.py"), "--model-ms", "500"], "http")

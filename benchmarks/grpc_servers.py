@@ -89,7 +89,7 @@ async def _load(target: str, seconds: float, concurrency: int) -> int:
 
 
 def run(out: Path, quick: bool) -> str:
-    seconds, rounds = (1.0, 1) if quick else (4.0, 3)
+    seconds, rounds = (0.4, 1) if quick else (4.0, 3)
     here = Path(__file__).resolve()
     servers = {kind: Process([PYTHON, str(here), "serve", str(i)], "grpc") for i, kind in enumerate(KINDS)}
     results: dict[str, list[tuple[float, float]]] = {kind: [] for kind in KINDS}

@@ -26,7 +26,7 @@ MODEL = {
 
 
 def run(out: Path, quick: bool) -> str:
-    duration = 1.5 if quick else 8.0
+    duration = 0.6 if quick else 8.0
     rows, capacity = [], None
     for queue_name, queue, rpcs in (("bounded", 16, "1000"), ("unbounded", 1_000_000, "0")):
         with tempfile.TemporaryDirectory() as tmp:

@@ -25,7 +25,7 @@ MODEL = {
 
 
 def run(out: Path, quick: bool) -> str:
-    duration = 2.0 if quick else 10.0
+    duration = 0.6 if quick else 10.0
     counts = [1, 2] if quick else [1, 2, 4]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -35,7 +35,7 @@ def run(out: Path, quick: bool) -> str:
                 "--replicas", str(replicas), "--models", str(models), env={"INFERENCEHUB_PROCESSES": "1"}
             )
             try:
-                bench("busy-50ms", url=url, concurrency=8, duration=0.5)
+                bench("busy-50ms", url=url, concurrency=8, duration=0.2 if quick else 0.5)
                 results[replicas] = bench("busy-50ms", url=url, concurrency=8, duration=duration)
             finally:
                 system.stop()

@@ -350,7 +350,7 @@ def verdict(result: dict, levels: tuple[int, ...], load: tuple, load_after: tupl
 
 
 def run(out: Path, quick: bool) -> str:
-    levels, rounds, seconds = ((1, 4), 1, 1.0) if quick else ((1, 16, 64), 3, 5.0)
+    levels, rounds, seconds = ((1, 4), 1, 0.5) if quick else ((1, 16, 64), 3, 5.0)
     load_before = os.getloadavg()
     started: list = []
     paths: dict[str, tuple[dict, str, str]] = {}

@@ -25,7 +25,7 @@ API_KEY = "ih_benchmark_key_0123456789abcdef0123456789abcdef"
 
 def run(out: Path, quick: bool) -> str:
     concurrencies = [1, 8] if quick else [1, 8, 32]
-    duration = 1.0 if quick else 5.0
+    duration = 0.4 if quick else 5.0
     setups = ["plaintext", "mutual TLS", "mutual TLS + API key"]
     results: dict[str, dict[int, dict]] = {s: {} for s in setups}
     with tempfile.TemporaryDirectory() as tmp:

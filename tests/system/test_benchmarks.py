@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import peers
 from run import BENCHMARKS
 
-# The longest first (quick mode on 2 cores: balancing ~85 s, overhead ~50 s, the rest 2-25 s each).
-LONGEST_FIRST = ["balancing", "overhead", "streaming", "scaling", "overload", "tls"]
+# The longest first (quick mode on 2 cores beside the other tests: overhead ~40 s, balancing ~35 s, the rest 3-20 s).
+LONGEST_FIRST = ["overhead", "balancing", "scaling", "blocking", "streaming", "tracing"]
 ORDER = LONGEST_FIRST + [name for name in BENCHMARKS if name not in LONGEST_FIRST]
 
 

@@ -1,7 +1,7 @@
 """Replicas report their load to clients: an ORCA load report in the trailing metadata of every response.
 
 The report is what gRPC's weighted_round_robin weighs replicas by, so its numbers are checked against a
-replica whose load is known: one execution slot, 20 ms per call, 4 callers always waiting. gRPC's own
+replica whose load is known: one execution slot, 20 ms per call, callers always waiting. gRPC's own
 client consumes the report (it never reaches the application), so the trailers are read with grpcurl.
 """
 
@@ -93,7 +93,8 @@ def test_every_response_carries_a_load_report(replica):
 
 
 def test_the_report_measures_the_load(replica):
-    """4 callers on one 20 ms slot: the slot is always busy (utilization ~1), ~50 calls/s, 4 in flight."""
+    """6 callers on one 20 ms slot: the slot is always busy (utilization ~1), ~50 calls/s, up to 6 in flight (a
+    caller slowed by a busy machine still leaves others queued, so the slot never waits on the test)."""
     stopping = threading.Event()
     calls = [0]
 
@@ -105,7 +106,7 @@ def test_the_report_measures_the_load(replica):
                 stub.ModelInfer(request(), timeout=10)
                 calls[0] += 1
 
-    threads = [threading.Thread(target=caller, daemon=True) for _ in range(4)]
+    threads = [threading.Thread(target=caller, daemon=True) for _ in range(6)]
     for thread in threads:
         thread.start()
     try:
@@ -119,7 +120,7 @@ def test_the_report_measures_the_load(replica):
             thread.join(15)
     assert 0.8 <= report.application_utilization <= 1.05, report
     assert 25 <= report.rps_fractional <= 52, report  # at most 50/s, less where the machine is busy
-    assert 3.0 <= report.named_metrics["in_flight_utilization"] <= 4.05, report  # 1 running + 3 queued
+    assert 3.0 <= report.named_metrics["in_flight_utilization"] <= 6.05, report  # 1 running + up to 5 queued
     assert report.eps == 0
     assert 0 < report.cpu_utilization < 1.5, report
 

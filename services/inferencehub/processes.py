@@ -70,6 +70,17 @@ def tree_cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+_stderr_lock = threading.Lock()
+
+
+def write_line(line: str) -> None:
+    """One line to stderr, whole: children's logs are echoed from a thread each, and ``print`` writes the text and
+    its newline apart, so two echoed lines could interleave into one."""
+    with _stderr_lock:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
 class ChildError(RuntimeError):
     """A child did not start (it exited, or did not announce itself in time)."""
 

@@ -52,6 +52,7 @@ from inferencehub.processes import (
     describe_exit,
     gateway_command,
     inference_command,
+    write_line,
 )
 from inferencehub.settings import UpSettings
 
@@ -79,12 +80,12 @@ class StartFailed(UpError):
 
 
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    write_line(message)
 
 
 def _echo(name: str):
     def echo(line: str) -> None:
-        print(f"{name:<{NAME_WIDTH}}| {line}", file=sys.stderr, flush=True)
+        write_line(f"{name:<{NAME_WIDTH}}| {line}")
 
     return echo
 

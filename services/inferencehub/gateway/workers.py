@@ -36,7 +36,7 @@ from pathlib import Path
 
 from inferencehub.errors import InferenceHubError
 from inferencehub.gateway.siblings import RUN_DIR_ENV, WORKER_ENV
-from inferencehub.processes import Child, ChildError, announce, describe_exit
+from inferencehub.processes import Child, ChildError, announce, describe_exit, write_line
 from inferencehub.settings import GatewaySettings, env_name
 
 log = logging.getLogger(__name__)
@@ -124,12 +124,8 @@ class Worker:
 
     def start(self) -> Child:
         command = [sys.executable, "-m", "inferencehub.gateway"]
-        self.child = Child(f"gateway worker {self.index}", command, env=self.env, echo=_echo, keep=50, tied=True)
+        self.child = Child(f"gateway worker {self.index}", command, env=self.env, echo=write_line, keep=50, tied=True)
         return self.child
-
-
-def _echo(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 async def supervise(settings: GatewaySettings, count: int) -> int:

@@ -171,8 +171,9 @@ def main() -> None:
 
 
 def install(bench_only: bool) -> None:
-    """Each tool is independent of the others: their downloads and installs run side by side (a fresh machine
-    installs them in about a minute rather than three), and Debian's packages meanwhile, one at a time."""
+    """Each tool is independent of the others: their downloads and installs run side by side (on a fresh machine,
+    seconds rather than the three minutes of one after another with pip), Debian's packages meanwhile, one at a
+    time."""
     jobs = {  # what `make bench` needs: the overhead benchmark's peers
         "MLServer": lambda: tool_environment("mlserver") / "bin" / "mlserver",
         "Triton": triton,

@@ -417,9 +417,13 @@ class Up(Child):
         self.seen: dict[int, str] = {}  # every process seen under it, and when it started: finish() ends them
 
     def wait_up(self, timeout: float = 90) -> str:
-        """The gateway's address, once up says everything is ready."""
+        """The gateway's address, once up says everything is ready and its banner has reached this log (up prints
+        the banner, then writes its listen file; the log comes through a pipe and a reader thread, and on a busy
+        machine the file can be read first)."""
         try:
-            return self.wait_listening(timeout)["http"]
+            address = self.wait_listening(timeout)["http"]
+            self.wait_log(re.escape("Ctrl-C stops everything."), timeout)  # the banner's last line
+            return address
         except ChildError as exc:
             raise AssertionError(str(exc)) from None
 

@@ -6,6 +6,7 @@ validates requests with); this module only lays out the routes, their parameters
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from typing import Any
 
@@ -30,6 +31,9 @@ WHEN = {
     503: "no replica, the one running the call went away, or the body budget is full (Retry-After); not ready",
     504: "the deadline passed",
 }
+
+
+PARAM = re.compile(r"\{(\w+)\}")  # a path parameter
 
 
 def _ref(kind: type) -> dict[str, str]:
@@ -73,6 +77,13 @@ def _events(done: str | None, *data: type) -> dict[str, Any]:
     }
 
 
+def _path_params(path: str) -> list[dict[str, Any]]:
+    """The path's ``{name}`` parameters: required strings."""
+    return [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in PARAM.findall(path)
+    ]
+
+
 def _header(name: str, description: str, **constraints: Any) -> dict[str, Any]:
     return {"name": name, "in": "header", "required": False, "description": description, "schema": constraints}
 
@@ -100,10 +111,7 @@ def _get(summary: str, answers: dict[str, Any], params: list[dict] | None = None
 
 
 def _model_paths(prefix: str) -> dict[str, Any]:
-    params = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
-    if "{version}" in prefix:
-        params.append({"name": "version", "in": "path", "required": True, "schema": {"type": "string"}})
-    params += UPSTREAM_HEADERS
+    params = [*_path_params(prefix), *UPSTREAM_HEADERS]
     config = {
         "description": "Triton's model configuration",
         "content": {"application/json": {"schema": {"type": "object"}}},
@@ -171,10 +179,7 @@ STREAM_ERRORS = (400, 404, 408, 413, 429, 500, 503, 504)  # before the first eve
 
 def _generate_paths(prefix: str) -> dict[str, Any]:
     """Triton's generate extension (gateway/generate.py), on a generative (decoupled) model or any other."""
-    params = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
-    if "{version}" in prefix:
-        params.append({"name": "version", "in": "path", "required": True, "schema": {"type": "string"}})
-    params += UPSTREAM_HEADERS
+    params = [*_path_params(prefix), *UPSTREAM_HEADERS]
     example = {"text_input": "tell me a story", "max_tokens": 8}  # the shipped mock-llm's inputs
     body = {
         "required": True,
@@ -210,7 +215,7 @@ def _generate_paths(prefix: str) -> dict[str, Any]:
 
 def _openai_paths() -> dict[str, Any]:
     """The OpenAI-compatible routes (gateway/openai_api.py); their errors have OpenAI's shape."""
-    model = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    model = _path_params("{model}")
 
     def errors(*statuses: int) -> dict[str, Any]:
         return _answers(None, *statuses, error=schema.OpenAIError)
@@ -275,7 +280,7 @@ def _openai_paths() -> dict[str, Any]:
 
 def _job_paths() -> dict[str, Any]:
     """The async job routes (gateway/jobs.py); submitting is the infer route with ``Prefer: respond-async``."""
-    params = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    params = _path_params("{id}")
     gone = {"404": _json(schema.Error, "unknown or expired job (or no job queue on this gateway)")}
     unavailable = {"503": _json(schema.Error, "the job queue is unavailable")}
     return {
@@ -302,7 +307,7 @@ def _job_paths() -> dict[str, Any]:
 def _repository_paths() -> dict[str, Any]:
     """Triton's model repository extension (gateway/repository.py): index, load and unload on every replica."""
     done = {"description": "done on every replica (empty body)"}
-    model = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    model = _path_params("{model}")
 
     def post(summary: str, body: type, answers: dict[str, Any], params: list) -> dict[str, Any]:
         content = {"application/json": {"schema": _ref(body)}}
